@@ -1,0 +1,1 @@
+"""Host timing harness, device cost model and pytest-benchmark suites."""

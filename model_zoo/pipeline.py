@@ -1,0 +1,106 @@
+"""Streaming text-to-video: text -> per chunk (few denoising steps with caches, commit, decode) -> frames.
+
+After a chunk's last denoising step the DiT runs once more on the clean chunk at t = 0 and only
+that pass's cache entries are committed (the Self-Forcing / CausVid recipe), so later chunks
+attend to clean context. The decoder streams with its own causal cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import ModelConfig
+from .registry import load_stage, resolve
+from .sampler import FewStepSchedule, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamState:
+    """Everything carried from one chunk to the next."""
+
+    dit_cache: dict[str, torch.Tensor]
+    decoder_cache: list[torch.Tensor]
+    frame_offset: int = 0
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(B=1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
+    v = ((video[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return v.permute(1, 2, 3, 0).contiguous().numpy()
+
+
+class Pipeline:
+    """Text encoder + S2DiT + efficient decoder + few-step streaming sampler."""
+
+    def __init__(self, config: ModelConfig, text_encoder, dit, decoder):
+        self.config = config
+        self.text_encoder = text_encoder
+        self.dit = dit
+        self.decoder = decoder
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
+        from .tokenizer import tokenize
+
+        ids = tokenize(prompt, max_length=self.config.text_encoder.max_position_embeddings)
+        return self.text_encoder(ids)
+
+    def start(self, batch: int = 1) -> StreamState:
+        h, w = self.config.latent_hw
+        return StreamState(
+            dit_cache=self.dit.init_cache(batch, (h, w), self.config.stream),
+            decoder_cache=self.decoder.init_cache(batch, h, w),
+        )
+
+    @torch.no_grad()
+    def denoise_chunk(self, noise: torch.Tensor, context: torch.Tensor, state: StreamState,
+                      schedule: FewStepSchedule, generator: torch.Generator) -> torch.Tensor:
+        """Few-step sampling of one chunk against the cache, then commit the clean chunk."""
+        dit, cache, offset = self.dit, state.dit_cache, state.frame_offset
+        x0 = sample(lambda x, t: dit.step(x, t, context, cache, offset)[0], noise, schedule, generator)
+        _, entries = dit.step(x0, 0.0, context, cache, offset)
+        state.dit_cache = dit.push_cache(cache, entries)
+        state.frame_offset += x0.shape[2]
+        return x0
+
+    @torch.no_grad()
+    def stream(self, prompt: str, num_chunks: int = 4, steps: int | None = None, seed: int = 0,
+               progress: bool = False, schedule: FewStepSchedule | None = None) -> Iterator[np.ndarray]:
+        """Yield each chunk's frames (12, H, W, 3) uint8 as soon as it is decoded."""
+        if num_chunks < 1:
+            raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
+        schedule = schedule or FewStepSchedule(steps=steps or self.config.steps)
+        context = self.encode_prompt(prompt)
+        state = self.start()
+        gen = torch.Generator().manual_seed(seed)
+        for _ in tqdm(range(num_chunks), desc=f"{self.config.name} chunks", unit="chunk", disable=not progress):
+            noise = torch.randn((1, *self.config.chunk_latent_shape), generator=gen)
+            x0 = self.denoise_chunk(noise, context, state, schedule, gen)
+            video, state.decoder_cache = self.decoder(x0, state.decoder_cache)
+            yield to_uint8(video)
+
+    def generate(self, prompt: str, num_chunks: int = 4, steps: int | None = None, seed: int = 0,
+                 progress: bool = False) -> np.ndarray:
+        """The whole video (num_chunks * 12, H, W, 3) uint8."""
+        return np.concatenate(list(self.stream(prompt, num_chunks, steps, seed, progress)), axis=0)
+
+
+def load_pipeline(name: str, checkpoint: str | os.PathLike | None = None,
+                  height: int | None = None, width: int | None = None) -> Pipeline:
+    """Pipeline of a registered model (bundled weights) or a checkpoint folder."""
+    config, folder = resolve(name, checkpoint)
+    if height or width:
+        config = config.with_resolution(height or config.height, width or config.width)
+        config.latent_hw  # validates
+        config.dit.token_grid(config.stream.chunk_frames, *config.latent_hw)
+    stages = {s: load_stage(config, folder, s) for s in ("text_encoder", "dit", "decoder")}
+    return Pipeline(config, stages["text_encoder"], stages["dit"], stages["decoder"])

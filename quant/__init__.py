@@ -1,0 +1,1 @@
+"""Calibration and mixed-precision quantization (QuantPlan) for every target."""

@@ -1,0 +1,1 @@
+"""Reference training: data, flow matching, few-step streaming distillation, decoder."""

@@ -1,0 +1,15 @@
+"""s2dit-deploy: compile, quantize, validate and benchmark S2DiT for phones.
+
+    import s2dit_deploy as sd
+    sd.list_models()
+    pipe = sd.load_pipeline("s2dit-small")
+    video = pipe.generate("a red ball bouncing", num_chunks=4, steps=4, seed=0)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import list_models, load_model, load_pipeline  # noqa: E402
+
+__all__ = ["__version__", "list_models", "load_model", "load_pipeline"]

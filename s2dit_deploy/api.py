@@ -1,0 +1,52 @@
+"""The public functions behind ``import s2dit_deploy as sd``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from .model_zoo import registry, stats
+from .model_zoo.pipeline import Pipeline
+from .model_zoo.pipeline import load_pipeline as _load_pipeline
+
+
+def model_summary(name: str, with_flops: bool = False) -> dict[str, Any]:
+    """A model card as data: sizes, resolution, streaming geometry and (optionally) FLOPs."""
+    card = registry.get_card(name)
+    cfg = card.config
+    params = stats.stage_params(cfg)
+    info: dict[str, Any] = {
+        "name": cfg.name,
+        "description": card.description,
+        "intended_use": card.intended_use,
+        "layout": cfg.dit.layout,
+        "params": {**params, "total": sum(params.values())},
+        "resolution": f"{cfg.width}x{cfg.height}",
+        "chunk_latent_shape": list(cfg.chunk_latent_shape),
+        "chunk_frames": cfg.stream.chunk_frames * 4,
+        "cache_window_chunks": cfg.stream.window_chunks,
+        "tokens_per_chunk_step": stats.tokens_per_chunk(cfg),
+        "steps": cfg.steps,
+        "weights": str(card.bundled_weights) if card.bundled_weights else "untrained (seeded init)",
+    }
+    if with_flops:
+        info["dit_step_flops"] = stats.dit_step_flops(cfg)
+        info["dit_step_flops_full_attention"] = stats.dit_step_flops(stats.with_full_attention(cfg))
+    return info
+
+
+def list_models(with_flops: bool = False) -> list[dict[str, Any]]:
+    """Every registered model with its parameter counts (and FLOPs per chunk step if asked)."""
+    return [model_summary(card.name, with_flops) for card in registry.list_cards()]
+
+
+def load_model(name: str, checkpoint: str | os.PathLike | None = None) -> nn.Module:
+    """The float S2DiT of a registered model, or of a checkpoint folder."""
+    return registry.load_model(name, checkpoint)
+
+
+def load_pipeline(name: str, checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> Pipeline:
+    """Text encoder + S2DiT + decoder + streaming sampler, ready to ``generate``."""
+    return _load_pipeline(name, checkpoint, **kwargs)

@@ -1,0 +1,8 @@
+"""CLI subcommands: each module has ``add_parser(subparsers)`` and ``run(args) -> (dict, str)``.
+
+``run`` returns the machine-readable result (printed with ``--json``) and the human text.
+"""
+
+from . import generate, models
+
+COMMANDS = (models, generate)

@@ -1,0 +1,1 @@
+"""Compile targets: one sub-package per backend behind one small interface."""

@@ -1,0 +1,20 @@
+import pytest
+import torch
+
+from s2dit_deploy.model_zoo.config import DiTConfig
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_dit_config(layout: str = "LSSL", **kw) -> DiTConfig:
+    base = dict(dim=32, num_heads=2, ffn_dim=64, layout=layout, text_dim=16)
+    base.update(kw)
+    return DiTConfig(**base)
+
+
+def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    rmse = (ref.double() - x.double()).pow(2).mean().sqrt().item()
+    return float("inf") if rmse == 0 else 20 * torch.log10(ref.abs().max().double() / rmse).item()
