@@ -85,11 +85,18 @@ class S2DiT(nn.Module):
         return self.final(y, temb, grid)
 
     # ---- streaming ----------------------------------------------------------------------------
-    def step(self, x, t, context, cache: dict[str, torch.Tensor], frame_offset: int | torch.Tensor = 0):
-        """One chunk (B, 16, f, H, W) -> (velocity, this chunk's cache entries)."""
+    def step(self, x, t, context, cache: dict[str, torch.Tensor], frame_offset: int | torch.Tensor = 0,
+             rope: tuple[torch.Tensor, ...] | None = None):
+        """One chunk (B, 16, f, H, W) -> (velocity, this chunk's cache entries).
+
+        ``rope`` = (hi_cos, hi_sin, lo_cos, lo_sin) tables computed by the host (exact fp32 angles
+        for any stream position); without it they are computed from ``frame_offset``.
+        """
         y, grid = self.embed(x)
         temb, e = self.time(t, x.shape[0], grid[0], y.dtype)
         hi, lo = self.resolutions(grid, frame_offset, y.dtype)
+        if rope is not None:
+            hi, lo = Resolution(hi.grid, tuple(rope[:2])), Resolution(lo.grid, tuple(rope[2:]))
         ctx = self.text_embedding(context)
         key_mask = slot_mask(cache[VALID_KEY], MASK_VALUE)
         y, entries = self.sandwich.step(y, e, ctx, hi, lo, cache, key_mask)

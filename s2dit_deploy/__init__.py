@@ -4,12 +4,14 @@
     sd.list_models()
     pipe = sd.load_pipeline("s2dit-small")
     video = pipe.generate("a red ball bouncing", num_chunks=4, steps=4, seed=0)
+    bundle = sd.compile("s2dit-small", target="executorch-xnnpack", out_dir="build/xnnpack")
+    report = sd.validate(bundle)
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import list_models, load_model, load_pipeline  # noqa: E402
+from .api import compile, list_models, load_model, load_pipeline, validate  # noqa: E402
 
-__all__ = ["__version__", "list_models", "load_model", "load_pipeline"]
+__all__ = ["__version__", "compile", "list_models", "load_model", "load_pipeline", "validate"]

@@ -47,6 +47,21 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None) -> nn.Mod
     return registry.load_model(name, checkpoint)
 
 
+def compile(name: str, target: str = "coreml", quant: Any = None, out_dir: str | os.PathLike | None = None,
+            **kwargs: Any):
+    """Compile every stage of ``name`` for ``target`` into an atomic bundle folder."""
+    from .compile import compile_model
+
+    return compile_model(name, target=target, quant=quant, out_dir=out_dir, **kwargs)
+
+
+def validate(bundle: Any, **kwargs: Any) -> dict[str, Any]:
+    """Fidelity of each stage of a bundle (and of the decoded stream) against the float model."""
+    from .validate import validate as _validate
+
+    return _validate(bundle, **kwargs)
+
+
 def load_pipeline(name: str, checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> Pipeline:
     """Text encoder + S2DiT + decoder + streaming sampler, ready to ``generate``."""
     return _load_pipeline(name, checkpoint, **kwargs)

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         result, text = args._run(args)
-    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (KeyError, ValueError, FileNotFoundError, RuntimeError, AssertionError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         if args.json:
             print(json.dumps({"error": type(exc).__name__, "message": str(msg)}))

@@ -3,6 +3,6 @@
 ``run`` returns the machine-readable result (printed with ``--json``) and the human text.
 """
 
-from . import generate, models
+from . import compile, generate, models, validate
 
-COMMANDS = (models, generate)
+COMMANDS = (models, generate, compile, validate)

@@ -1,0 +1,1 @@
+"""Graph analysis of compiled programs (e.g. Neural Engine residency)."""

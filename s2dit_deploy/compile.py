@@ -1,0 +1,64 @@
+"""``sd.compile``: float checkpoint -> stages -> target artifacts in one atomic bundle."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .bundle import Bundle, atomic_bundle
+from .model_zoo.registry import resolve
+from .model_zoo.pipeline import load_pipeline
+from .stages import STAGE_NAMES, build_stages
+
+log = logging.getLogger(__name__)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def resolve_plan(quant: Any, pipe, target: str):
+    """None, a preset name, a plan.json path or a QuantPlan -> the plan object the target applies."""
+    if quant is None:
+        return None
+    from .quant.plan import resolve_plan as _resolve  # the quant stage, before targets in the pipeline
+
+    return _resolve(quant, pipe, target)
+
+
+def compile_model(name: str, target: str = "coreml", quant: Any = None, out_dir: str | os.PathLike | None = None,
+                  checkpoint: str | os.PathLike | None = None, stages: tuple[str, ...] = STAGE_NAMES,
+                  progress: bool = True, **options: Any) -> Bundle:
+    """Compile every stage of a model for ``target`` into ``out_dir`` (default build/<target>)."""
+    from .targets.base import get_target
+
+    tgt = get_target(target)  # fail on a bad target name before any heavy work
+    config, folder = resolve(name, checkpoint)
+    pipe = load_pipeline(name, checkpoint)
+    plan = resolve_plan(quant, pipe, target)
+    built = build_stages(pipe, tuple(stages))
+    out = Path(out_dir or Path("build") / target)
+    model = {
+        "name": config.name,
+        "config": pipe.config.to_dict(),
+        "checkpoint": str(folder) if folder else None,
+    }
+    with atomic_bundle(out, tgt.name, model) as bundle:
+        bundle.info.update({"options": {k: str(v) for k, v in options.items()},
+                            "quant": getattr(plan, "name", None) if plan is not None else None,
+                            "compile": {}})
+        for stage in tqdm(list(built.values()), desc=f"compile {config.name} -> {target}", unit="stage",
+                          disable=not progress):
+            t0 = time.perf_counter()
+            art = tgt.compile(stage, plan, bundle.path, dict(options))
+            bundle.artifacts[stage.name] = art
+            bundle.info["compile"][stage.name] = {
+                "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(_peak_rss_mb(), 1)}
+            log.info("compiled %s in %.1fs", stage.name, time.perf_counter() - t0)
+    return bundle

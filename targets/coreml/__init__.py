@@ -1,0 +1,1 @@
+"""Core ML target (iPhone Neural Engine): conversion, Linux reference executor."""

@@ -1,0 +1,1 @@
+"""ONNX and ONNX Runtime QNN EP targets."""

@@ -1,0 +1,1 @@
+"""ExecuTorch QNN target (Snapdragon HTP): lowering, QNN library resolution, HTP emulation."""

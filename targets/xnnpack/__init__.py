@@ -1,0 +1,1 @@
+"""ExecuTorch XNNPACK target (CPU): lowering, host runtime."""
