@@ -24,18 +24,23 @@ LAYOUT_CHARS = {
 T = TypeVar("T")
 
 
-def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build a dataclass from a dict, turning lists back into tuples and rejecting unknown keys."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(names)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return cls(**kwargs)
+class JsonConfig:
+    """to_dict / from_dict for flat frozen config dataclasses (lists come back as tuples)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(JsonConfig):
     """Sandwich DiT hyper-parameters.
 
     ``layout`` has one character per group of ``blocks_per_group`` blocks: ``L`` routes the group
@@ -112,16 +117,9 @@ class DiTConfig:
             self, layout=layout, search=self.search if search is None else search
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DiTConfig":
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class TextEncoderConfig:
+class TextEncoderConfig(JsonConfig):
     """CLIP text transformer size (transformers.CLIPTextConfig fields)."""
 
     hidden_size: int = 768
@@ -132,16 +130,9 @@ class TextEncoderConfig:
     vocab_size: int = 49408
     projection_dim: int = 768
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TextEncoderConfig":
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(JsonConfig):
     """Efficient causal video decoder: latent (16, t, h, w) -> RGB (3, 4t, 8h, 8w).
 
     ``channels`` lists the width at each resolution, from the latent resolution upwards; there is
@@ -165,27 +156,13 @@ class DecoderConfig:
             if c % self.groups:
                 raise ValueError(f"decoder width {c} not divisible by GroupNorm groups {self.groups}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DecoderConfig":
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class StreamConfig:
+class StreamConfig(JsonConfig):
     """Streaming geometry: latent frames per chunk and how many past chunks the caches keep."""
 
     chunk_frames: int = 3
     window_chunks: int = 2
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StreamConfig":
-        return _from_dict(cls, data)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import DiTConfig
 from .rope import apply_rope
+from .softmax_attention import HeadProjections
 
 
 def kernel_features(x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +55,7 @@ def chunk_window_matrix(num_chunks: int, window: int | None, causal: bool) -> to
     return allowed.float()
 
 
-class LinConvHybridAttention(nn.Module):
+class LinConvHybridAttention(HeadProjections):
     """LCHA self-attention at full token resolution.
 
     Global path: linear attention of Eq. 11 over the visible chunks. Local path: a depthwise 3D conv
@@ -63,25 +64,13 @@ class LinConvHybridAttention(nn.Module):
     """
 
     def __init__(self, cfg: DiTConfig):
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.head_dim = cfg.head_dim
+        super().__init__(cfg)
         self.eps = cfg.linear_attn_eps
-        self.q = nn.Linear(cfg.dim, cfg.dim)
-        self.k = nn.Linear(cfg.dim, cfg.dim)
-        self.v = nn.Linear(cfg.dim, cfg.dim)
-        self.o = nn.Linear(cfg.dim, cfg.dim)
-        self.q_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
-        self.k_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
         kt, kh, kw = cfg.conv_kernel
         self.tail = kt - 1
         self.local = nn.Conv3d(
             cfg.dim, cfg.dim, cfg.conv_kernel, padding=(0, kh // 2, kw // 2), groups=cfg.dim
         )
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _features(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         q = kernel_features(self.q_norm(self._heads(self.q(x))))
@@ -97,10 +86,6 @@ class LinConvHybridAttention(nn.Module):
         vg = v.transpose(1, 2).reshape(b, t, gh, gw, h * d).permute(0, 4, 1, 2, 3)
         y = self.local(torch.cat([past, vg], dim=2))
         return y.permute(0, 2, 3, 4, 1).reshape(b, n, h * d)
-
-    def _merge(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, n, d = x.shape
-        return x.transpose(1, 2).reshape(b, n, h * d)
 
     def forward(self, x, grid, rope, chunk_frames: int | None, window: int | None):
         """Full sequence; with ``chunk_frames`` it is block-causal with a window of past chunks."""

@@ -29,12 +29,8 @@ def block_causal_mask(
     return torch.where(allowed, 0.0, MASK_VALUE)
 
 
-class SelfAttention(nn.Module):
-    """Softmax self-attention with QK LayerNorm and 3D RoPE, windowed K/V cache for streaming.
-
-    Used for SSA groups (on the spatially strided grid the sandwich hands it) and for dense
-    ``F`` baseline groups (on the full grid).
-    """
+class HeadProjections(nn.Module):
+    """q/k/v/o projections with per-head QK LayerNorm: the parameters every attention here shares."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -48,8 +44,22 @@ class SelfAttention(nn.Module):
         self.k_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, H, N, d)."""
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, d) -> (B, N, C)."""
+        b, h, n, d = x.shape
+        return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class SelfAttention(HeadProjections):
+    """Softmax self-attention with QK LayerNorm and 3D RoPE, windowed K/V cache for streaming.
+
+    Used for SSA groups (on the spatially strided grid the sandwich hands it) and for dense
+    ``F`` baseline groups (on the full grid).
+    """
 
     def _qkv(self, x, rope):
         cos, sin = rope
@@ -58,8 +68,7 @@ class SelfAttention(nn.Module):
         return q, k, self._heads(self.v(x))
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:
-        b, h, n, d = y.shape
-        return self.o(y.transpose(1, 2).reshape(b, n, h * d))
+        return self.o(self._merge(y))
 
     def forward(self, x, grid, rope, chunk_frames: int | None, window: int | None):
         q, k, v = self._qkv(x, rope)
@@ -84,28 +93,11 @@ class SelfAttention(nn.Module):
         return {"k": shape, "v": shape}
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(HeadProjections):
     """Video tokens attend to the projected text tokens (no mask, no RoPE)."""
-
-    def __init__(self, cfg: DiTConfig):
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.head_dim = cfg.head_dim
-        self.q = nn.Linear(cfg.dim, cfg.dim)
-        self.k = nn.Linear(cfg.dim, cfg.dim)
-        self.v = nn.Linear(cfg.dim, cfg.dim)
-        self.o = nn.Linear(cfg.dim, cfg.dim)
-        self.q_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
-        self.k_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         q = self.q_norm(self._heads(self.q(x)))
         k = self.k_norm(self._heads(self.k(context)))
         v = self._heads(self.v(context))
-        y = F.scaled_dot_product_attention(q, k, v)
-        b, h, n, d = y.shape
-        return self.o(y.transpose(1, 2).reshape(b, n, h * d))
+        return self.o(self._merge(F.scaled_dot_product_attention(q, k, v)))
