@@ -58,7 +58,7 @@ def record_inputs(pipe: Pipeline, prompt: str, num_chunks: int, steps: int, seed
             calls["dit_step"].append(dit_step_inputs(cfg, x, t, context, cache, int(frame_offset)))
             return dit.step(x, t, context, cache, frame_offset)
 
-        init_cache, push_cache = dit.init_cache, dit.push_cache
+        init_cache, push_cache = dit.init_cache, staticmethod(dit.push_cache)
 
     class DecSpy:
         def __call__(self, z, cache):

@@ -66,3 +66,14 @@ def test_stages_export_with_torch_export(stages, name):
 def test_unknown_stage_is_a_clear_error(pipe):
     with pytest.raises(KeyError, match="unknown stages"):
         build_stages(pipe, ("dit",))
+
+
+def test_record_inputs_captures_every_stage_call(pipe):
+    from s2dit_deploy.validate import record_inputs
+
+    calls = record_inputs(pipe, "a red circle", num_chunks=2, steps=2, seed=0)
+    assert len(calls["text_encoder"]) == 1
+    assert len(calls["dit_step"]) == 2 * (2 + 1)  # steps + the t=0 commit pass per chunk
+    assert len(calls["decoder"]) == 2
+    assert calls["dit_step"][-1]["cache.window_valid"].tolist() == [0.0, 1.0]
+    assert float(calls["dit_step"][2]["t"]) == 0.0

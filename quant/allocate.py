@@ -1,0 +1,140 @@
+"""Bit allocation: per-layer schemes that minimize total output noise under a size budget.
+
+Each layer offers (bytes, noise) points, one per legal scheme with a sensitivity result; noises of
+different layers are treated as additive (output MSE). The allocator walks each layer's lower
+convex hull and repeatedly buys the upgrade with the most noise removed per byte that still fits
+the budget (the classic marginal-analysis solution of the multiple-choice knapsack; optimal on the
+hull points). Only target-legal schemes are ever considered.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from .schemes import target_schemes, weight_scheme
+
+log = logging.getLogger(__name__)
+
+
+class BudgetError(ValueError):
+    """No assignment of legal schemes fits the budget."""
+
+
+def _hull(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """Lower-left convex hull of (bytes, noise, scheme), bytes ascending, noise descending."""
+    pts = sorted(points, key=lambda p: (p[0], p[1]))
+    frontier: list[tuple[float, float, str]] = []
+    for p in pts:  # Pareto: strictly less noise for more bytes
+        if not frontier or p[1] < frontier[-1][1]:
+            if frontier and p[0] == frontier[-1][0]:
+                frontier[-1] = p
+            else:
+                frontier.append(p)
+    hull: list[tuple[float, float, str]] = []
+    for p in frontier:  # convexity: slopes (noise drop per byte) must decrease
+        while len(hull) >= 2:
+            (b1, n1, _), (b2, n2, _) = hull[-2], hull[-1]
+            if (n1 - n2) * (p[0] - b2) <= (n2 - p[1]) * (b2 - b1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def allocate(costs: Mapping[str, Mapping[str, tuple[float, float]]], budget_bytes: float) -> dict[str, str]:
+    """{layer: {scheme: (bytes, noise)}} -> {layer: scheme} with sum bytes <= budget."""
+    hulls = {n: _hull([(b, e, s) for s, (b, e) in opts.items()]) for n, opts in costs.items()}
+    empty = [n for n, h in hulls.items() if not h]
+    if empty:
+        raise BudgetError(f"no candidate scheme for layers {empty[:5]}")
+    pos = {n: 0 for n in hulls}
+    used = sum(h[0][0] for h in hulls.values())
+    if used > budget_bytes * (1 + 1e-9):
+        raise BudgetError(f"even the cheapest legal schemes need {used / 1e6:.3f} MB > budget {budget_bytes / 1e6:.3f} MB")
+    heap: list[tuple[float, str]] = []
+
+    def push(n: str) -> None:
+        h, i = hulls[n], pos[n]
+        if i + 1 < len(h):
+            db, dn = h[i + 1][0] - h[i][0], h[i][1] - h[i + 1][1]
+            heapq.heappush(heap, (-(dn / max(db, 1e-9)), n))
+
+    for n in hulls:
+        push(n)
+    while heap:
+        _, n = heapq.heappop(heap)
+        h, i = hulls[n], pos[n]
+        db = h[i + 1][0] - h[i][0]
+        if used + db > budget_bytes * (1 + 1e-9):
+            continue  # this layer's next step does not fit; cheaper steps of others still may
+        used += db
+        pos[n] = i + 1
+        push(n)
+    return {n: hulls[n][pos[n]][2] for n in hulls}
+
+
+def layer_costs(results: Mapping[str, Mapping[str, Any]], shapes: Mapping[str, tuple[int, ...]],
+                target: str | None, schemes: tuple[str, ...] | None = None) -> dict[str, dict[str, tuple[float, float]]]:
+    """Legal (bytes, noise) options per layer from sensitivity results (layers without results: int8)."""
+    ts = target_schemes(target)
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for name, shape in shapes.items():
+        res = results.get(name, {})
+        opts = {}
+        for s, r in res.items():
+            if s in ("act_only", "local") or not isinstance(r, dict) or not ts.legal_weight(s):
+                continue
+            if schemes is not None and s not in schemes:
+                continue
+            opts[s] = (weight_scheme(s).nbytes(shape), float(r["mse"]))
+        if "act_only" in res and ts.legal_weight("fp16") and (schemes is None or "fp16" in schemes):
+            opts["fp16"] = (weight_scheme("fp16").nbytes(shape), float(res["act_only"]["mse"]))
+        if not opts:  # no evidence: keep the layer at a safe 8-bit
+            fallback = "int8-pc" if ts.legal_weight("int8-pc") else ts.weights[0]
+            opts[fallback] = (weight_scheme(fallback).nbytes(shape), 0.0)
+        out[name] = opts
+    return out
+
+
+def predicted_psnr(costs: Mapping[str, Mapping[str, tuple[float, float]]], choice: Mapping[str, str],
+                   peak: float) -> float:
+    noise = sum(costs[n][s][1] for n, s in choice.items())
+    return math.inf if noise <= 0 else 10 * math.log10(peak * peak / noise)
+
+
+def budget_bytes(shapes: Mapping[str, tuple[int, ...]], avg_bits: float | None = None,
+                 like: Mapping[str, str] | None = None) -> float:
+    """A stage budget from an average weight bit width, or the size of an existing assignment."""
+    if like is not None:
+        return sum(weight_scheme(like[n]).nbytes(s) for n, s in shapes.items())
+    if avg_bits is None:
+        raise ValueError("give avg_bits or like=")
+    return sum(math.prod(s) for s in shapes.values()) * avg_bits / 8
+
+
+def mixed_plan(base, stage: str, results: Mapping[str, Mapping[str, Any]], shapes: Mapping[str, tuple[int, ...]],
+               budget: float, peak: float, schemes: tuple[str, ...] | None = None, name: str = "w4a8-mixed",
+               provenance: Mapping[str, Any] | None = None):
+    """``base`` plan with ``stage``'s weight schemes re-chosen by ``allocate`` under ``budget`` bytes."""
+    from dataclasses import replace
+
+    from .plan import QuantPlan
+
+    costs = layer_costs(results, shapes, base.target, schemes)
+    choice = allocate(costs, budget)
+    layers = dict(base.stages[stage])
+    for n, s in choice.items():
+        layers[n] = replace(layers[n], weight=s)
+    stages = {**base.stages, stage: layers}
+    used = sum(costs[n][s][0] for n, s in choice.items())
+    prov = {**base.provenance, **(provenance or {}), "method": "sensitivity-allocation", "stage": stage,
+            "budget_bytes": int(budget), "used_bytes": int(used),
+            "predicted_psnr_db": round(predicted_psnr(costs, choice, peak), 3)}
+    plan = QuantPlan(name, base.model, stages, base.target, prov)
+    plan.check_target(base.target)
+    return plan
