@@ -92,6 +92,7 @@ def save_checkpoint(folder: str | os.PathLike, config: ModelConfig, modules: dic
                 for k, v in module.state_dict().items()
             }
             save_file(state, str(tmp / STAGE_FILES[stage]), metadata={"stage": stage, "model": config.name})
+        tmp.chmod(0o755)  # mkdtemp creates 0700; a checkpoint is meant to be shared
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -99,6 +99,7 @@ def atomic_bundle(out_dir: str | os.PathLike, target: str, model: dict[str, Any]
                 raise BundleError(f"stage {art.stage} did not write {missing}")
             art.sha256 = {f: sha256_path(tmp / f) for f in art.files}
         (tmp / MANIFEST).write_text(json.dumps(bundle.manifest(), indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp creates 0700; a bundle is meant to be copied and shared
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, old / "b")

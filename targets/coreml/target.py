@@ -1,0 +1,119 @@
+"""The ``coreml`` target: compile a stage to ``<stage>.mlpackage``; run it with the reference executor.
+
+``compile`` rewrites the stage for the Neural Engine (unless ``rewrite=false``), converts it
+(iOS18, fp16 compute, compute units ALL), applies a QuantPlan through
+``s2dit_deploy.quant.coreml.apply_plan`` when one is given, saves the package and returns an
+``Artifact`` whose contract is the stage's host contract; the host <-> device tensor maps (layout,
+fp16-safe cache scales, one-hot step selector) travel in the artifact metadata and the model's
+``user_defined_metadata``. ``load`` gives a Runner that applies those maps around the Linux
+reference executor, so callers feed and read the float contract's tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from s2dit_deploy.bundle import Artifact
+from s2dit_deploy.rewrites.device_io import IOMap, maps_from_json, maps_to_json
+from s2dit_deploy.stages import Stage
+
+from .convert import CoreMLOptions, convert, device_stage, metadata_for, peak_rss_mb
+
+log = logging.getLogger(__name__)
+
+
+class QuantSeamMissing(RuntimeError):
+    """A QuantPlan was given but ``s2dit_deploy.quant.coreml.apply_plan`` is not available."""
+
+
+def apply_quant_plan(mlmodel, plan: Any, stage_name: str):
+    """Hand the model to the quantizer's Core ML backend; ``plan=None`` returns it unchanged."""
+    if plan is None:
+        return mlmodel, {}
+    try:
+        mod = importlib.import_module("s2dit_deploy.quant.coreml")
+        fn = mod.apply_plan
+    except (ModuleNotFoundError, AttributeError) as exc:
+        raise QuantSeamMissing(
+            "a QuantPlan was given but s2dit_deploy.quant.coreml.apply_plan(mlmodel, plan, stage_name) "
+            "does not exist in this version; compile with quant=None"
+        ) from exc
+    out = fn(mlmodel, plan, stage_name)
+    summary = {}
+    if isinstance(out, tuple):
+        out, summary = out
+    elif hasattr(plan, "to_dict"):
+        summary = {"plan": plan.to_dict()}
+    return out, summary
+
+
+class CoreMLRunner:
+    """Host-contract tensors in and out; device layout and scales handled here (fp32 on the host)."""
+
+    def __init__(self, program: Any, inputs: list[IOMap], outputs: list[IOMap], io_dtype: str = "fp16"):
+        self.program, self.inputs, self.outputs = program, inputs, outputs
+        self.io_dtype = np.float16 if io_dtype == "fp16" else np.float32
+
+    def to_device(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [m.name for m in self.inputs if m.name not in inputs]
+        if missing:
+            raise KeyError(f"missing inputs {missing}; the stage takes {[m.name for m in self.inputs]}")
+        out = {}
+        for m in self.inputs:
+            arr = m.to_device(np.asarray(inputs[m.name]))
+            out[m.device_name] = arr.astype(self.io_dtype) if arr.dtype.kind == "f" else arr.astype(np.int32)
+        return out
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        dev = self.program.run(self.to_device(inputs))
+        return {m.name: m.to_host(np.asarray(dev[m.device_name]).astype(np.float32)) for m in self.outputs}
+
+
+class CoreMLTarget:
+    name = "coreml"
+
+    def compile(self, stage: Stage, plan: Any, out_dir: Path, options: dict[str, Any] | None = None) -> Artifact:
+        opts = CoreMLOptions.from_dict(options)
+        t0 = time.time()
+        dstage = device_stage(stage, opts)
+        extra = {"quant": None if plan is None else getattr(plan, "name", "plan")}
+        mlmodel = convert(dstage, opts, metadata_for(stage, dstage, opts, extra))
+        mlmodel, quant_summary = apply_quant_plan(mlmodel, plan, stage.name)
+        mlmodel.short_description = f"s2dit {stage.name} ({dstage.layout})"
+        fname = f"{stage.name}.mlpackage"
+        mlmodel.save(str(Path(out_dir) / fname))
+        seconds = time.time() - t0
+        log.info("coreml: %s compiled in %.1f s (peak RSS %.0f MB)", stage.name, seconds, peak_rss_mb())
+        meta = {
+            "layout": dstage.layout,
+            "device_io": {"inputs": maps_to_json(dstage.inputs), "outputs": maps_to_json(dstage.outputs)},
+            "options": json.loads(mlmodel.user_defined_metadata["s2dit.options"]),
+            "deployment_target": opts.deployment_target,
+            "compute_precision": opts.precision,
+            "compute_units": opts.compute_units,
+            "caches": "explicit inputs/outputs (see targets/coreml/convert.py)",
+            "convert_seconds": round(seconds, 2),
+        }
+        return Artifact(stage.name, self.name, [fname], stage.contract(), quant_summary, meta)
+
+    def load(self, artifact: Artifact, bundle_dir: Path) -> CoreMLRunner:
+        try:
+            from s2dit_deploy.targets.coreml.executor import load_program
+        except ImportError as exc:
+            from s2dit_deploy.targets.base import TargetUnavailable
+
+            raise TargetUnavailable("the Core ML reference executor is not available in this version") from exc
+        program = load_program(str(Path(bundle_dir) / artifact.files[0]))
+        io = artifact.metadata["device_io"]
+        io_dtype = artifact.metadata.get("options", {}).get("io_dtype", "fp16")
+        return CoreMLRunner(program, maps_from_json(io["inputs"]), maps_from_json(io["outputs"]), io_dtype)
+
+
+TARGET = CoreMLTarget()
