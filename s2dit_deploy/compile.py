@@ -56,7 +56,8 @@ def compile_model(name: str, target: str = "coreml", quant: Any = None, out_dir:
         for stage in tqdm(list(built.values()), desc=f"compile {config.name} -> {target}", unit="stage",
                           disable=not progress):
             t0 = time.perf_counter()
-            art = tgt.compile(stage, plan, bundle.path, dict(options))
+            # targets that calibrate (quantized QNN / ONNX-QNN / XNNPACK) record real inputs from it
+            art = tgt.compile(stage, plan, bundle.path, {**options, "pipeline": pipe})
             bundle.artifacts[stage.name] = art
             bundle.info["compile"][stage.name] = {
                 "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(_peak_rss_mb(), 1)}
