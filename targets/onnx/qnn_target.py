@@ -1,0 +1,225 @@
+"""``onnx-qnn`` target: QDQ ONNX models compiled to QNN context binaries (EPContext) for one SoC.
+
+Per stage: export (opset 20, static) -> ``qnn_preprocess_model`` (LayerNorm fusion) -> static QDQ
+quantization calibrated on recorded real stage inputs (``get_qnn_qdq_config``) -> a session on the
+QNN EP with ``soc_model``/``htp_arch`` and no CPU fallback dumps the EPContext model (the context
+binary embedded). The bundle keeps both: ``<stage>.<soc>.ctx.onnx`` (what an app with ONNX Runtime
+Mobile + QNN EP loads on the phone) and ``<stage>.<soc>.qdq.onnx`` (portable QDQ source).
+
+Options: ``soc`` (default SM8750), ``precision``: ``8a8w`` (default; uint8 activations, int8
+symmetric per-channel weights), ``16a8w`` (uint16 activations), ``fp16`` (float model, HTP fp16);
+``calibration`` / ``pipeline`` as for executorch-qnn; ``calibration_samples`` to cap them.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from s2dit_deploy.targets.qnn.calibration import calibration_args
+
+from s2dit_deploy.bundle import Artifact
+from s2dit_deploy.stages import Stage
+
+from . import ort_qnn
+from .export import OrtRunner, export_stage
+from .target import plan_unsupported
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOC = "SM8750"
+PRECISIONS = ("8a8w", "16a8w", "fp16")
+
+
+class _Reader:
+    """A CalibrationDataReader over named numpy inputs."""
+
+    def __init__(self, samples: list[dict[str, np.ndarray]]):
+        self._it = iter(samples)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):  # not needed by MinMax; present for the protocol
+        pass
+
+
+def quantize_qdq(float_model: Path, out: Path, samples: list[dict[str, np.ndarray]], precision: str,
+                 plan: Any = None, stage: Stage | None = None) -> dict[str, Any]:
+    """Static QDQ quantization for the QNN EP; returns the quantization summary."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    reader = type("Reader", (_Reader, CalibrationDataReader), {})(samples)
+    overrides: dict[str, Any] = {}
+    if plan is not None:
+        plan_unsupported(plan, "onnx-qnn")
+        from s2dit_deploy.quant import onnx as quant_onnx
+
+        overrides = dict(quant_onnx.apply_plan(plan, stage=stage, model_path=float_model))
+    act = QuantType.QUInt16 if precision == "16a8w" else QuantType.QUInt8
+    kwargs = {"activation_type": act, "weight_type": QuantType.QInt8, "per_channel": True,
+              "weight_symmetric": True, **overrides}
+    config = get_qnn_qdq_config(str(float_model), reader, **kwargs)
+    quantize(str(float_model), str(out), config)
+    return {"precision": precision, "scheme": "onnxruntime QDQ (get_qnn_qdq_config)",
+            "activation_type": str(kwargs["activation_type"]), "weight_type": str(kwargs["weight_type"]),
+            "per_channel": bool(kwargs["per_channel"]), "calibration_samples": len(samples),
+            "plan": getattr(plan, "name", None) if plan is not None else None}
+
+
+def sqrt_to_pow(path: Path) -> int:
+    """Rewrite ``Sqrt(x)`` as ``Pow(x, 0.5)`` in place (same numbers). HTP rejects quantized Sqrt
+    on rank-5 tensors (backendValidateOpConfig error 3110, e.g. the decoder's per-frame GroupNorm)
+    but takes Pow."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    nodes = [n for n in model.graph.node if n.op_type == "Sqrt"]
+    if not nodes:
+        return 0
+    half = "s2dit_sqrt_exponent"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(0.5, dtype=np.float32), half))
+    for n in nodes:
+        pw = helper.make_node("Pow", [n.input[0], half], list(n.output), name=n.name + "_as_pow")
+        idx = list(model.graph.node).index(n)
+        model.graph.node.remove(n)
+        model.graph.node.insert(idx, pw)
+    onnx.save(model, str(path))
+    return len(nodes)
+
+
+def _ops(path: Path) -> Counter:
+    import onnx
+
+    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def compile_context(qdq_model: Path, ctx_model: Path, soc: str, fp16: bool = False) -> dict[str, Any]:
+    """Run the QNN EP once with EPContext dumping on; returns partition facts of the result."""
+    import onnxruntime as ort
+
+    extra = {"enable_htp_fp16_precision": "1"} if fp16 else None
+    so = ort_qnn.session_options(soc, ep_context_file=ctx_model, extra=extra)
+    try:
+        ort.InferenceSession(str(qdq_model), so)
+    except Exception as exc:
+        rejected = diagnose(qdq_model, soc, extra)
+        lines = "\n".join(f"  {r['op']} x{r['count']}: {r['reason']}" for r in rejected) or "  (no detail)"
+        raise RuntimeError(
+            f"QNN EP could not take the whole graph of {qdq_model.name} for {soc} (CPU fallback is "
+            f"disabled); nodes QNN rejected:\n{lines}") from exc
+    src, ctx = _ops(qdq_model), _ops(ctx_model)
+    compute = {k: v for k, v in src.items() if k not in ("QuantizeLinear", "DequantizeLinear")}
+    left = {k: v for k, v in ctx.items() if k != "EPContext"}
+    total = sum(compute.values())
+    return {"delegated_ops": total - sum(left.values()), "total_ops": total,
+            "delegated_fraction": round((total - sum(left.values())) / total, 4) if total else 1.0,
+            "qnn_subgraphs": ctx.get("EPContext", 0), "delegated_by_op": dict(sorted(compute.items())),
+            "fallbacks": [{"op": k, "count": v, "reason": "left outside the EPContext node"}
+                          for k, v in sorted(left.items())]}
+
+
+def diagnose(model: Path, soc: str, extra: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Nodes the QNN EP leaves to the CPU, by op type, with QNN's validation messages."""
+    import re
+
+    import onnxruntime as ort
+    from s2dit_deploy.targets.qnn.lower import native_output
+
+    so = ort_qnn.session_options(soc, extra=extra)
+    so.log_severity_level = 2
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "0")
+    so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    native: list[str] = []
+    with native_output(native):
+        sess = ort.InferenceSession(str(model), so)
+    reasons: dict[str, set] = {}
+    for line in native:
+        m = re.search(r"failed for node `([^`]*)` of type `([^`]*)`(.*)", line)
+        if m:
+            reasons.setdefault(m.group(1), set()).add(f"QNN {m.group(2)} {m.group(3).strip()}")
+    names = {n.name: n.op_type for n in __import__("onnx").load(str(model), load_external_data=False).graph.node}
+    cpu: Counter = Counter()
+    why: dict[str, set] = {}
+    for sg in sess.get_provider_graph_assignment_info():
+        if sg.ep_name == ort_qnn.EP_NAME:
+            continue
+        for node in sg.get_nodes():
+            name = getattr(node, "name", str(node))
+            op = getattr(node, "op_type", None) or names.get(name, "?")
+            if op in ("QuantizeLinear", "DequantizeLinear"):
+                continue
+            cpu[op] += 1
+            why.setdefault(op, set()).update(reasons.get(name, {"not claimed by the QNN EP"}))
+    return [{"op": op, "count": n, "reason": "; ".join(sorted(why[op]))[:400]} for op, n in sorted(cpu.items())]
+
+
+class OnnxQnnRunner(OrtRunner):
+    """Runs an EPContext model on the QNN EP (HTP emulation on x86), optionally profiling."""
+
+    def __init__(self, path: Path, contract: dict[str, Any], soc: str, fp16: bool = False,
+                 profile_csv: Path | None = None):
+        extra = {"enable_htp_fp16_precision": "1"} if fp16 else None
+        import onnxruntime as ort
+
+        so = ort_qnn.session_options(soc, profile_csv=profile_csv, extra=extra)
+        super().__init__(path, contract, session=ort.InferenceSession(str(path), so))
+        self.profile_csv = profile_csv
+
+
+class OnnxQnnTarget:
+    name = "onnx-qnn"
+
+    def compile(self, stage: Stage, plan: Any, out_dir: Path, options: dict[str, Any]) -> Artifact:
+        soc = str(options.get("soc") or DEFAULT_SOC).upper()
+        ort_qnn.resolve_soc(soc)
+        precision = str(options.get("precision") or "8a8w")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r} for onnx-qnn; choose from {', '.join(PRECISIONS)}")
+        ort_qnn.register()
+        out_dir = Path(out_dir)
+        ctx_rel, qdq_rel = f"{stage.name}.{soc.lower()}.ctx.onnx", f"{stage.name}.{soc.lower()}.qdq.onnx"
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="s2dit-onnx-qnn-") as tmp:
+            tmp = Path(tmp)
+            graph = export_stage(stage, tmp / "float.onnx", options.get("onnx_exporter", "torchscript"))
+            from onnxruntime.quantization.execution_providers.qnn import (
+                qnn_preprocess_model,
+            )
+
+            pre = tmp / "pre.onnx"
+            if not qnn_preprocess_model(str(tmp / "float.onnx"), str(pre), fuse_layernorm=True):
+                pre = tmp / "float.onnx"
+            graph["rewrites"] = {"sqrt_to_pow": sqrt_to_pow(pre)}
+            if precision == "fp16":
+                (out_dir / qdq_rel).write_bytes(pre.read_bytes())
+                quant = {"precision": "fp16", "scheme": "float model, HTP fp16 precision"}
+            else:
+                names = set(graph["inputs"])
+                args = calibration_args(stage, options)
+                samples = [{n: a.numpy() for n, a in zip(stage.input_names, t) if n in names} for t in args]
+                quant = quantize_qdq(pre, out_dir / qdq_rel, samples, precision, plan, stage)
+        part = compile_context(out_dir / qdq_rel, out_dir / ctx_rel, soc, fp16=precision == "fp16")
+        seconds = round(time.perf_counter() - t0, 2)
+        log.info("%s: %d/%d ONNX ops in QNN context binaries (%s, %s) in %.1fs", stage.name,
+                 part["delegated_ops"], part["total_ops"], soc, precision, seconds)
+        soc_model, arch = ort_qnn.resolve_soc(soc)
+        return Artifact(stage=stage.name, target=self.name, files=[ctx_rel, qdq_rel], contract=stage.contract(),
+                        quant={**quant, "soc": soc},
+                        metadata={"soc": soc, "soc_model": soc_model, "htp_arch": arch, "precision": precision,
+                                  "graph": graph, "partition": part, "compile_seconds": seconds,
+                                  "runtime": "onnxruntime + QNN EP (HTP emulation here, Hexagon on device)"})
+
+    def load(self, artifact: Artifact, bundle_dir: Path, profile_csv: Path | None = None) -> OnnxQnnRunner:
+        return OnnxQnnRunner(Path(bundle_dir) / artifact.files[0], artifact.contract, artifact.metadata["soc"],
+                             fp16=artifact.metadata.get("precision") == "fp16", profile_csv=profile_csv)
+
+
+TARGET = OnnxQnnTarget()

@@ -1,0 +1,231 @@
+"""Lower one stage to an ExecuTorch ``.pte`` delegated to QNN HTP (fp16 or PT2E-quantized).
+
+Numbers the caller needs come back in :class:`Lowered`: the program bytes, the partition report
+(ops delegated / total, each op left outside QNN with the partitioner's reason and the QNN
+backend's own validation messages), and what was quantized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .libs import ensure_qnn, interposer_handle
+from .rewrite import apply_host_inputs, rewrite_for_qnn
+
+log = logging.getLogger(__name__)
+
+# precision preset -> QuantDtype member (per-channel weights). Per-block weights (16a4w_block, LPBQ)
+# need per-node block sizes, so they come only from a QuantPlan through s2dit_deploy.quant.qnn.
+PRECISIONS: dict[str, str | None] = {
+    "fp16": None, "8a8w": "use_8a8w", "16a8w": "use_16a8w", "16a16w": "use_16a16w",
+    "16a4w": "use_16a4w", "8a4w": "use_8a4w",
+}
+_PARTITIONER_LOGGER = "executorch.backends.qualcomm.partition.qnn_partitioner"
+_SKIP_TARGETS = {"getitem", "executorch_call_delegate"}
+
+
+def supported_socs() -> list[str]:
+    from executorch.backends.qualcomm.utils.utils import get_soc_to_chipset_map
+
+    return sorted(get_soc_to_chipset_map())
+
+
+def resolve_soc(soc: str):
+    """'SM8750' -> QcomChipset; a clear error naming the SoCs this ExecuTorch knows."""
+    from executorch.backends.qualcomm.utils.utils import get_soc_to_chipset_map
+
+    table = get_soc_to_chipset_map()
+    key = str(soc).upper()
+    if key not in table:
+        raise ValueError(f"unknown SoC {soc!r} for executorch-qnn; this ExecuTorch supports: "
+                         f"{', '.join(sorted(table))}")
+    return table[key]
+
+
+def htp_arch(soc: str) -> int:
+    from executorch.backends.qualcomm.utils.utils import get_soc_to_htp_arch_map
+
+    return int(get_soc_to_htp_arch_map()[str(soc).upper()])
+
+
+def compiler_specs(soc: str, precision: str, profile: bool = False) -> list:
+    from executorch.backends.qualcomm.utils.utils import (
+        generate_htp_compiler_spec,
+        generate_qnn_executorch_compiler_spec,
+    )
+
+    backend = generate_htp_compiler_spec(use_fp16=precision == "fp16")
+    return generate_qnn_executorch_compiler_spec(resolve_soc(soc), backend, profile_level=2 if profile else 0)
+
+
+@contextlib.contextmanager
+def native_output(sink: list[str]) -> Iterator[None]:
+    """Capture what native code writes to fds 1/2 (QNN logs) into ``sink`` (one line each)."""
+    libc = ctypes.CDLL(None)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = [os.dup(1), os.dup(2)]
+        libc.fflush(None)
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            libc.fflush(None)
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", "replace")
+            sink.extend(line for line in text.splitlines() if line.strip())
+            for line in sink:
+                log.debug("native: %s", line)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@dataclass
+class Lowered:
+    program: bytes
+    partition: dict[str, Any]
+    quant: dict[str, Any] = field(default_factory=dict)
+    rewrites: dict[str, int] = field(default_factory=dict)
+    host_inputs: dict[str, Any] = field(default_factory=dict)
+
+
+def make_quantizer(precision: str, soc: str, plan: Any = None, stage: Any = None):
+    """QnnQuantizer for a precision preset, or translated from a QuantPlan by the quant package."""
+    if plan is not None:
+        try:
+            from s2dit_deploy.quant import qnn as quant_qnn
+        except ImportError as exc:
+            raise NotImplementedError(
+                "a QuantPlan was given but s2dit_deploy.quant.qnn (the QuantPlan -> QnnQuantizer "
+                "translation) is not available in this version; compile with plan=None and "
+                "precision='8a8w' (or another preset) instead") from exc
+        return quant_qnn.apply_plan(plan, stage=stage, soc=soc)
+    from executorch.backends.qualcomm.quantizer.quantizer import (
+        QnnQuantizer,
+        QuantDtype,
+    )
+
+    quantizer = QnnQuantizer(soc_model=resolve_soc(soc))
+    quantizer.set_default_quant_config(getattr(QuantDtype, PRECISIONS[precision]),
+                                       is_conv_per_channel=True, is_linear_per_channel=True)
+    return quantizer
+
+
+def quantize(module: torch.nn.Module, example: tuple, calibration: Sequence[tuple], quantizer):
+    """PT2E: export, prepare, run the calibration inputs, convert."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    gm = torch.export.export(module, example, strict=True).module()
+    prepared = prepare_pt2e(gm, quantizer)
+    with torch.no_grad():
+        for args in calibration:
+            prepared(*args)
+    return convert_pt2e(prepared)
+
+
+def _count_ops(graph: torch.fx.Graph) -> Counter:
+    return Counter(getattr(n.target, "__name__", str(n.target)) for n in graph.nodes
+                   if n.op == "call_function"
+                   and getattr(n.target, "__name__", str(n.target)) not in _SKIP_TARGETS)
+
+
+def partition_report(edge_manager, partitioner_log: list[str], native: list[str]) -> dict[str, Any]:
+    """Delegated / total op counts and every op left outside QNN with its reason."""
+    gm = edge_manager.exported_program().graph_module
+    delegated: Counter = Counter()
+    subgraphs = 0
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target.startswith("lowered_module"):
+            lowered = getattr(gm, node.target)
+            delegated += _count_ops(lowered.original_module.graph)
+            subgraphs += 1
+    fallback = _count_ops(gm.graph)
+    reasons: dict[str, list[str]] = {}
+    for msg in partitioner_log:
+        m = re.match(r"\[[^\]]+\]\s+(\S+)\s+\|\s+(.*)", msg)
+        if m and m.group(2) != "True" and m.group(2) != "Forced Passed":
+            reasons.setdefault(m.group(1), [])
+            if m.group(2) not in reasons[m.group(1)]:
+                reasons[m.group(1)].append(m.group(2))
+    qnn_msgs = sorted({line.strip() for line in native if "<E>" in line or "<W>" in line})
+    total = sum(delegated.values()) + sum(fallback.values())
+    return {
+        "delegated_ops": sum(delegated.values()),
+        "total_ops": total,
+        "delegated_fraction": round(sum(delegated.values()) / total, 4) if total else 1.0,
+        "qnn_subgraphs": subgraphs,
+        "delegated_by_op": dict(sorted(delegated.items())),
+        "fallbacks": [{"op": op, "count": n,
+                       "reason": "; ".join(reasons.get(op, []))
+                       or "not claimed by the QNN partitioner (see qnn_messages)"}
+                      for op, n in sorted(fallback.items())],
+        "qnn_messages": qnn_msgs[:50],
+    }
+
+
+def lower(module: torch.nn.Module, example: tuple, input_names: list[str], soc: str, precision: str = "fp16",
+          plan: Any = None, calibration: Sequence[tuple] | None = None, profile: bool = False,
+          stage: Any = None) -> Lowered:
+    """Rewrite, (quantize,) partition to QNN and serialize a ``.pte``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown QNN precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    resolve_soc(soc)
+    ensure_qnn()
+    from executorch.backends.qualcomm.utils.utils import (
+        to_edge_transform_and_lower_to_qnn,
+    )
+
+    module, example, rewrites, host = rewrite_for_qnn(module, example, input_names)
+    if calibration and host:
+        calibration = [tuple(apply_host_inputs(host, dict(zip(input_names, args))).values())
+                       for args in calibration]
+    quant: dict[str, Any] = {"precision": precision, "soc": soc.upper()}
+    if precision != "fp16" or plan is not None:
+        if not calibration:
+            raise ValueError("quantized QNN compile needs calibration inputs (recorded stage inputs)")
+        module = quantize(module, example, calibration, make_quantizer(precision, soc, plan, stage))
+        quant.update({"scheme": "pt2e-qnn", "per_channel": True, "calibration_samples": len(calibration),
+                      "plan": getattr(plan, "name", None) if plan is not None else None})
+    specs = compiler_specs(soc, precision, profile)
+    records, native = _Records(), []
+    plog = logging.getLogger(_PARTITIONER_LOGGER)
+    plog.addHandler(records)
+    try:
+        with native_output(native):
+            edge = to_edge_transform_and_lower_to_qnn(module, example, specs)
+        report = partition_report(edge, records.messages, native)
+        program = edge.to_executorch()
+    except Exception:
+        log.error("QNN lowering failed; last QNN messages:\n%s", "\n".join(native[-40:]))
+        raise
+    finally:
+        plog.removeHandler(records)
+    handle = interposer_handle()
+    if handle is not None:
+        handle.s2dit_qnn_compat_repacked.restype = ctypes.c_ulong
+        report["htp_configs_repacked"] = int(handle.s2dit_qnn_compat_repacked())
+    for fb in report["fallbacks"]:
+        log.warning("QNN fallback: %s x%d: %s", fb["op"], fb["count"], fb["reason"])
+    return Lowered(bytes(program.buffer), report, quant, rewrites, host)
