@@ -12,6 +12,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import compile, list_models, load_model, load_pipeline, validate  # noqa: E402
+from .api import bench, compile, list_models, load_model, load_pipeline, validate  # noqa: E402
 
-__all__ = ["__version__", "compile", "list_models", "load_model", "load_pipeline", "validate"]
+__all__ = ["__version__", "bench", "compile", "list_models", "load_model", "load_pipeline", "validate"]

@@ -50,16 +50,23 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None) -> nn.Mod
 def compile(name: str, target: str = "coreml", quant: Any = None, out_dir: str | os.PathLike | None = None,
             **kwargs: Any):
     """Compile every stage of ``name`` for ``target`` into an atomic bundle folder."""
-    from .compile import compile_model
+    from .compiler import compile_model
 
     return compile_model(name, target=target, quant=quant, out_dir=out_dir, **kwargs)
 
 
 def validate(bundle: Any, **kwargs: Any) -> dict[str, Any]:
     """Fidelity of each stage of a bundle (and of the decoded stream) against the float model."""
-    from .validate import validate as _validate
+    from .fidelity import validate as _validate
 
     return _validate(bundle, **kwargs)
+
+
+def bench(bundle: Any, repeats: int = 20, warmup: int = 3, **kwargs: Any) -> dict[str, Any]:
+    """Host timings (median, spread) and per-operator profiles of every stage of a bundle."""
+    from .bench.harness import bench_bundle
+
+    return bench_bundle(bundle, repeats=repeats, warmup=warmup, **kwargs)
 
 
 def load_pipeline(name: str, checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> Pipeline:

@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 from s2dit_deploy.targets.base import get_target
 
 from s2dit_deploy.stages import build_stages
-from s2dit_deploy.validate import psnr
+from s2dit_deploy.fidelity import psnr
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from s2dit_deploy.targets.qnn.rewrite import apply_host_inputs, rewrite_for_qnn
 from torch import nn
 
 from s2dit_deploy.stages import Stage, TensorSpec, build_stages
-from s2dit_deploy.validate import psnr
+from s2dit_deploy.fidelity import psnr
 
 
 class Toy(nn.Module):

@@ -14,7 +14,7 @@ from s2dit_deploy.quant.sensitivity import SensitivityRunner
 from s2dit_deploy.quant.size import pipeline_layout
 
 from s2dit_deploy.stages import build_stages
-from s2dit_deploy.validate import psnr
+from s2dit_deploy.fidelity import psnr
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -69,7 +69,7 @@ def test_unknown_stage_is_a_clear_error(pipe):
 
 
 def test_record_inputs_captures_every_stage_call(pipe):
-    from s2dit_deploy.validate import record_inputs
+    from s2dit_deploy.fidelity import record_inputs
 
     calls = record_inputs(pipe, "a red circle", num_chunks=2, steps=2, seed=0)
     assert len(calls["text_encoder"]) == 1

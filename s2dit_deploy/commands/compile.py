@@ -32,7 +32,7 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> tuple[object, str]:
-    from s2dit_deploy.compile import compile_model
+    from s2dit_deploy.compiler import compile_model
 
     options = parse_options(args.option)
     if args.soc:

@@ -13,6 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("prompt", help="text prompt")
     p.add_argument("--model", default="s2dit-small", help="registered model name (default: s2dit-small)")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder instead of the bundled weights")
+    p.add_argument("--bundle", default=None,
+                   help="run every stage from a compiled bundle folder (e.g. build/xnnpack) instead of float PyTorch")
     p.add_argument("--chunks", type=int, default=4, help="number of 12-frame chunks (default 4)")
     p.add_argument("--steps", type=int, default=None, choices=(1, 2, 4), help="denoising steps per chunk")
     p.add_argument("--seed", type=int, default=0)
@@ -29,7 +31,15 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
     from s2dit_deploy.video_io import check_video_path, write_video
 
     check_video_path(args.out)
-    pipe = load_pipeline(args.model, args.checkpoint, height=args.height, width=args.width)
+    if args.bundle:
+        from s2dit_deploy.bundle import load_bundle
+        from s2dit_deploy.host import bundle_pipeline
+
+        if args.height or args.width:
+            raise ValueError("--height/--width cannot change a compiled bundle's static shapes; recompile it")
+        pipe = bundle_pipeline(load_bundle(args.bundle))
+    else:
+        pipe = load_pipeline(args.model, args.checkpoint, height=args.height, width=args.width)
     chunks, seconds = [], []
     t0 = time.perf_counter()
     for frames in pipe.stream(args.prompt, args.chunks, args.steps, args.seed, progress=not args.json):
@@ -41,6 +51,7 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
     result = {
         "output": str(path),
         "model": pipe.config.name,
+        "bundle": args.bundle,
         "prompt": args.prompt,
         "frames": int(video.shape[0]),
         "height": int(video.shape[1]),

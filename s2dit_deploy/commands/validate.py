@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> tuple[object, str]:
-    from s2dit_deploy.validate import DEFAULT_PROMPT, validate
+    from s2dit_deploy.fidelity import DEFAULT_PROMPT, validate
 
     floors = {}
     for f in args.floor:

@@ -42,6 +42,23 @@ def _wheel():
     return onnxruntime_qnn
 
 
+def _claim_htp_soname() -> None:
+    """Load ExecuTorch's QNN libraries (our interposer) before ONNX Runtime loads the real HTP one.
+
+    Both name the SONAME libQnnHtp.so: whichever loads first wins ExecuTorch's bare-name lookup.
+    The interposer itself loads the real library by path, which is what ONNX Runtime then gets, so
+    with this order ExecuTorch QNN and the ORT QNN EP work in one process.
+    """
+    try:
+        from s2dit_deploy.targets.qnn.libs import ensure_qnn
+    except ImportError:
+        return
+    try:
+        ensure_qnn()
+    except Exception as exc:  # ExecuTorch QNN unusable here: ORT does not need it
+        log.debug("ExecuTorch QNN libraries not loaded first: %s", exc)
+
+
 def register() -> None:
     """Register the QNN plugin EP with ONNX Runtime (idempotent)."""
     global _REGISTERED
@@ -49,6 +66,7 @@ def register() -> None:
         return
     import onnxruntime as ort
 
+    _claim_htp_soname()
     lib = _wheel().get_library_path()
     try:
         ort.register_execution_provider_library(EP_NAME, lib)

@@ -2,7 +2,7 @@
 
 Shared by ``executorch-qnn`` and ``onnx-qnn``. Options carry either ``calibration`` (a mapping
 ``stage -> [named inputs]``) or ``pipeline`` (a float Pipeline; its streaming run is recorded with
-``s2dit_deploy.validate.record_inputs`` once and reused for every stage of the compile).
+``s2dit_deploy.fidelity.record_inputs`` once and reused for every stage of the compile).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ _RECORDED: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 def recorded_inputs(pipe, prompt: str | None = None, num_chunks: int | None = None,
                     steps: int | None = None, seed: int | None = None) -> dict[str, list[dict]]:
     """``validate.record_inputs`` of a float streaming run, memoized per pipeline and settings."""
-    from s2dit_deploy.validate import record_inputs
+    from s2dit_deploy.fidelity import record_inputs
 
     key = (prompt or DEFAULTS["prompt"], num_chunks or DEFAULTS["num_chunks"],
            steps or pipe.config.steps, DEFAULTS["seed"] if seed is None else seed)

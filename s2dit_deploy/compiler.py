@@ -12,8 +12,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .bundle import Bundle, atomic_bundle
-from .model_zoo.registry import resolve
 from .model_zoo.pipeline import load_pipeline
+from .model_zoo.registry import resolve
 from .stages import STAGE_NAMES, build_stages
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ def compile_model(name: str, target: str = "coreml", quant: Any = None, out_dir:
     pipe = load_pipeline(name, checkpoint)
     plan = resolve_plan(quant, pipe, target)
     built = build_stages(pipe, tuple(stages))
+    # a target may check its options and record what it needs from the float pipeline (e.g. real
+    # calibration inputs) before any bundle folder exists
+    run_options = tgt.prepare(pipe, plan, built, dict(options)) if hasattr(tgt, "prepare") else dict(options)
     out = Path(out_dir or Path("build") / target)
     model = {
         "name": config.name,
@@ -57,7 +60,7 @@ def compile_model(name: str, target: str = "coreml", quant: Any = None, out_dir:
                           disable=not progress):
             t0 = time.perf_counter()
             # targets that calibrate (quantized QNN / ONNX-QNN / XNNPACK) record real inputs from it
-            art = tgt.compile(stage, plan, bundle.path, {**options, "pipeline": pipe})
+            art = tgt.compile(stage, plan, bundle.path, {**run_options, "pipeline": pipe})
             bundle.artifacts[stage.name] = art
             bundle.info["compile"][stage.name] = {
                 "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(_peak_rss_mb(), 1)}
