@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     bars = evaluate_variants(mcfg, load_classifier(args.classifier), variants, args.count, args.chunks)
     bars["file_sizes_mib"] = sizes
     (Path(args.distill or args.pretrain) / "bars.json").write_text(json.dumps(bars, indent=2) + "\n")
-    print(json.dumps(bars, indent=2))
+    sys.stdout.write(json.dumps(bars, indent=2) + "\n")  # this module's CLI output
     return 0
 
 

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result) if args.json else text)
+        sys.stdout.write((json.dumps(result) if args.json else text) + "\n")  # CLI output, rank 0 only
     from s2dit_deploy.reference_training.common import shutdown_distributed
 
     shutdown_distributed()
