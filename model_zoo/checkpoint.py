@@ -6,12 +6,14 @@ what to do; nothing is half-loaded. Saving writes a temporary sibling folder and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -78,13 +80,27 @@ def load_state(folder: str | os.PathLike, stage: str, module: nn.Module) -> None
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
-def save_checkpoint(folder: str | os.PathLike, config: ModelConfig, modules: dict[str, nn.Module],
-                    dtype: torch.dtype | None = None) -> Path:
-    """Write config.json and one safetensors file per stage atomically (temp folder + rename)."""
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden sibling temp folder; on success it replaces ``folder``, on failure it vanishes."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp creates 0700; checkpoints are meant to be shared
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(folder: str | os.PathLike, config: ModelConfig, modules: dict[str, nn.Module],
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write config.json and one safetensors file per stage atomically (temp folder + rename)."""
+    with atomic_folder(folder) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         for stage, module in modules.items():
             state = {
@@ -92,12 +108,5 @@ def save_checkpoint(folder: str | os.PathLike, config: ModelConfig, modules: dic
                 for k, v in module.state_dict().items()
             }
             save_file(state, str(tmp / STAGE_FILES[stage]), metadata={"stage": stage, "model": config.name})
-        tmp.chmod(0o755)  # mkdtemp creates 0700; a checkpoint is meant to be shared
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("saved checkpoint %s", folder)
-    return folder
+    return Path(folder)

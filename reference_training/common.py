@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from s2dit_deploy.model_zoo.checkpoint import atomic_folder
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,7 @@ def save_training_state(folder: str | Path, modules: dict[str, nn.Module | dict]
                         scalars: dict) -> Path:
     """Write ``<name>.safetensors`` per module / EMA shadow / optimizer and ``state.json``, atomically."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         for name, m in modules.items():
             sd = m if isinstance(m, dict) else m.state_dict()
             save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
@@ -133,12 +131,6 @@ def save_training_state(folder: str | Path, modules: dict[str, nn.Module | dict]
             tensors, optim_meta[name] = _optimizer_tensors(opt)
             save_file(tensors, str(tmp / f"optim_{name}.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"scalars": scalars, "optimizers": optim_meta}, indent=1) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
