@@ -96,6 +96,28 @@ def switch_points(routers: tuple[int, ...]) -> tuple[set[int], set[int]]:
     return ups, downs
 
 
+def route_static(routers: tuple[int, ...], y, up, down, run):
+    """Algorithm 1 with constant routers: only the active branch and the used samplers run.
+
+    ``up(n, y_s)``, ``down(n, y_l)`` and ``run(n, branch, x)`` are the group's samplers and modules;
+    the float model and every device rewrite share this one recurrence.
+    """
+    y_l, y_s, skip, prev = y, None, None, 1
+    for n, m in enumerate(routers):
+        if m == 1:
+            x_l = up(n, y_s) + skip if m > prev else y_l
+            y_l = run(n, "high", x_l)
+        else:
+            if m < prev:
+                skip = y_l
+                x_s = down(n, y_l)
+            else:
+                x_s = y_s
+            y_s = run(n, "low", x_s)
+        prev = m
+    return y_l
+
+
 class Sandwich(nn.Module):
     """The M routed groups. Parameter names: groups.{n}.high.{j}, groups.{n}.low.{j}, ups.{n}, downs.{n}."""
 
@@ -138,21 +160,12 @@ class Sandwich(nn.Module):
         return self._route_static(y, hi, lo, run)
 
     def _route_static(self, y, hi: Resolution, lo: Resolution, run):
-        """Algorithm 1 with constant routers: only the active branch and the used samplers run."""
-        y_l, y_s, skip, prev = y, None, None, 1
-        for n, m in enumerate(self.cfg.routers):
-            if m == 1:
-                x_l = self.ups[str(n)](y_s, lo.grid) + skip if m > prev else y_l
-                y_l = run(n, "high", x_l, hi)
-            else:
-                if m < prev:
-                    skip = y_l
-                    x_s = self.downs[str(n)](y_l, hi.grid)
-                else:
-                    x_s = y_s
-                y_s = run(n, "low", x_s, lo)
-            prev = m
-        return y_l
+        return route_static(
+            self.cfg.routers, y,
+            up=lambda n, y_s: self.ups[str(n)](y_s, lo.grid),
+            down=lambda n, y_l: self.downs[str(n)](y_l, hi.grid),
+            run=lambda n, branch, x: run(n, branch, x, hi if branch == "high" else lo),
+        )
 
     def _forward_routed(self, y, e, context, hi, lo, chunk_frames, window, m):
         """Lines 4-19 of Algorithm 1, literally, with both branches of every group computed."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model_zoo.blocks import sinusoidal_embedding
-from ..model_zoo.sandwich import switch_points
+from ..model_zoo.sandwich import route_static, switch_points
 from ..model_zoo.softmax_attention import MASK_VALUE
 from .ane_attention import FP16_MIN_NORMAL, AneCrossAttention, AneLCHA, AneSelfAttention
 from .ane_layers import ChannelLayerNorm, Conv1x1, PatchConv2d
@@ -139,20 +139,13 @@ class AneSandwich(nn.Module):
                 entries.update({f"{key}.{k}": v for k, v in new.items()})
             return x
 
-        y_l, y_s, skip, prev = y, None, None, 1
-        for n, m in enumerate(self.cfg.routers):
-            if m == 1:
-                x_l = self.ups[str(n)](y_s, self.lo_grid) + skip if m > prev else y_l
-                y_l = run(n, "high", x_l)
-            else:
-                if m < prev:
-                    skip = y_l
-                    x_s = self.downs[str(n)](y_l, self.hi_grid)
-                else:
-                    x_s = y_s
-                y_s = run(n, "low", x_s)
-            prev = m
-        return y_l, entries
+        out = route_static(
+            self.cfg.routers, y,
+            up=lambda n, y_s: self.ups[str(n)](y_s, self.lo_grid),
+            down=lambda n, y_l: self.downs[str(n)](y_l, self.hi_grid),
+            run=run,
+        )
+        return out, entries
 
 
 class AneS2DiT(nn.Module):
