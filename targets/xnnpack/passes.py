@@ -54,13 +54,18 @@ def swap_conv3d(module: nn.Module) -> tuple[nn.Module, int]:
     """A copy of ``module`` (weights shared, not copied) with every Conv3d replaced; returns (copy, count)."""
     memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
     out = copy.deepcopy(module, memo)
+    return out, replace_modules(out, nn.Conv3d, Conv3dAsConv2d)
+
+
+def replace_modules(module: nn.Module, kind: type[nn.Module], make) -> int:
+    """Replace every ``kind`` submodule of ``module`` in place by ``make(child)``; returns how many."""
     count = 0
-    for parent in list(out.modules()):
+    for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Conv3d):
-                setattr(parent, name, Conv3dAsConv2d(child))
+            if isinstance(child, kind):
+                setattr(parent, name, make(child))
                 count += 1
-    return out, count
+    return count
 
 
 class LinearLayerNorm(nn.Module):
@@ -89,13 +94,7 @@ class LinearLayerNorm(nn.Module):
 
 def swap_layer_norm(module: nn.Module) -> int:
     """Replace every ``nn.LayerNorm`` in place (call on a copy); returns how many."""
-    count = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.LayerNorm):
-                setattr(parent, name, LinearLayerNorm(child))
-                count += 1
-    return count
+    return replace_modules(module, nn.LayerNorm, LinearLayerNorm)
 
 
 def sdpa_as_matmuls(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
