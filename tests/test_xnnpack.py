@@ -4,7 +4,6 @@ The toy stage (Conv3d patch embed + causal depthwise Conv3d, LayerNorm, masked S
 compiles in seconds; the model-level round trip lives in test_host_xnnpack.py.
 """
 
-import importlib.util
 
 import numpy as np
 import pytest
@@ -22,7 +21,6 @@ from s2dit_deploy.targets.xnnpack.passes import (  # noqa: E402
     SdpaAsMatmuls,
     var_mean_explicit,
 )
-from s2dit_deploy.targets.xnnpack.quantize import QuantSchemeError  # noqa: E402
 from s2dit_deploy.targets.xnnpack.runtime import RunnerInputError  # noqa: E402
 from s2dit_deploy.targets.xnnpack.target import XnnpackOptionError  # noqa: E402
 from s2dit_deploy.fidelity import psnr  # noqa: E402
@@ -139,13 +137,6 @@ def test_bad_options(toy, tmp_path):
     with pytest.raises(XnnpackOptionError, match="calibration_batches"):
         TARGET.compile(toy, None, tmp_path, {"calibration_batches": 0})
     assert not list(tmp_path.iterdir())
-
-
-@pytest.mark.skipif(importlib.util.find_spec("s2dit_deploy.quant.xnnpack") is not None,
-                    reason="the quantizer's plan translation exists; its own tests cover it")
-def test_plan_without_translation_is_a_clear_error(toy, tmp_path):
-    with pytest.raises(QuantSchemeError, match="s2dit_deploy.quant.xnnpack"):
-        TARGET.compile(toy, object(), tmp_path, {})
 
 
 def test_runner_checks_inputs(toy, tmp_path):
