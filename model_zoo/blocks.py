@@ -119,7 +119,10 @@ class DiTBlock(nn.Module):
         if self.kind == "L":
             a, entries = self.attn.step(h, res.grid, res.rope, cache)
         else:
-            mask = key_mask.repeat_interleave(cache["k"].shape[2] // key_mask.shape[0])
+            # per-slot -> per-key mask as a view (expand + reshape), not repeat_interleave, which
+            # quantizers and NPU compilers leave unannotated
+            per_slot = cache["k"].shape[2] // key_mask.shape[0]
+            mask = key_mask[:, None].expand(-1, per_slot).reshape(-1)
             a, entries = self.attn.step(h, res.grid, res.rope, cache, mask)
         return self._finish(x, a, gate, rest, context, frames), entries
 

@@ -26,7 +26,8 @@ def linear_attention_state(
     phi_k: torch.Tensor, phi_k_rot: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Key-side sums over tokens: kv = sum_n R phi(k_n) v_n^T (B,H,d,d), ksum = sum_n phi(k_n) (B,H,d)."""
-    kv = torch.einsum("bhnd,bhne->bhde", phi_k_rot, v)
+    # matmuls, not einsum: ONNX exports einsum as an Einsum node, which NPU compilers reject
+    kv = torch.matmul(phi_k_rot.transpose(-1, -2), v)
     return kv, phi_k.sum(dim=2)
 
 
@@ -38,9 +39,9 @@ def linear_attention_readout(
     eps: float,
 ) -> torch.Tensor:
     """Query side of Eq. 11: (R phi(q))^T kv / (phi(q)^T ksum + eps), per head."""
-    num = torch.einsum("bhnd,bhde->bhne", phi_q_rot, kv)
-    den = torch.einsum("bhnd,bhd->bhn", phi_q, ksum) + eps
-    return num / den.unsqueeze(-1)
+    num = torch.matmul(phi_q_rot, kv)
+    den = torch.matmul(phi_q, ksum.unsqueeze(-1)) + eps
+    return num / den
 
 
 def chunk_window_matrix(num_chunks: int, window: int | None, causal: bool) -> torch.Tensor:

@@ -152,3 +152,56 @@ def write_report(out_dir: str | os.PathLike, plan, stage: str, shapes, results=N
     md += [f"provenance: `{json.dumps(doc['provenance'])}`", "", table_markdown(rows)]
     (out / "report.md").write_text("\n".join(md))
     return doc
+
+
+def bundle_report(out_dir: str | os.PathLike, plan, layouts: Mapping[str, Any],
+                  translations: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The quantization part of a compile report, written into the bundle (``quant/``).
+
+    ``plan.json`` (the exact plan compiled), ``report.json`` / ``report.md`` (per-layer table of
+    every stage, size, what each target translation did) and, when the plan came from
+    ``s2dit-deploy calibrate``, its sensitivity and size-vs-PSNR plots and measurements (found
+    through the plan's ``report_dir`` provenance).
+    """
+    import shutil
+
+    from .size import plan_size
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan.save(out / "plan.json")
+    source = Path(plan.provenance.get("report_dir", "")) if plan.provenance.get("report_dir") else None
+    measured: dict[str, Any] = {}
+    files = {"plan": "quant/plan.json", "report_json": "quant/report.json", "report_md": "quant/report.md"}
+    if source is not None and (source / "report.json").is_file():
+        measured = json.loads((source / "report.json").read_text())
+        for png in ("sensitivity.png", "size_psnr.png"):
+            if (source / png).is_file():
+                shutil.copyfile(source / png, out / png)
+                files[png.replace(".", "_")] = f"quant/{png}"
+    elif source is not None:
+        log.warning("plan %r names report_dir %s, which has no report.json; the bundle report has "
+                    "no sensitivity plots", plan.name, source)
+    evidence = {r["layer"]: r for r in measured.get("layers", [])}
+    tables = {}
+    for stage, lay in layouts.items():
+        rows = layer_table(plan, stage, lay.layers)
+        if stage == "dit_step":  # sensitivity was measured on the DiT step
+            rows = [{**evidence.get(r["layer"], {}), **r} for r in rows]
+        tables[stage] = rows
+    doc = {"plan": plan.name, "provenance": dict(plan.provenance), "counts": plan.counts(),
+           "size": plan_size(plan, layouts), "translations": dict(translations or {}),
+           "presets": measured.get("presets", []), "cumulative": measured.get("cumulative", []),
+           "layers": tables, "files": files}
+    (out / "report.json").write_text(json.dumps(doc, indent=1))
+    size = doc["size"]
+    md = [f"# Quantization: {plan.name}", "",
+          f"{size['gb'] * 1000:.2f} MB of weights, {size['avg_weight_bits']} average weight bits", ""]
+    for png in ("sensitivity_png", "size_psnr_png"):
+        if png in files:
+            md += [f"![{png}]({Path(files[png]).name})", ""]
+    for stage, rows in tables.items():
+        md += [f"## {stage}", "", table_markdown(rows), ""]
+    (out / "report.md").write_text("\n".join(md))
+    return {"plan": plan.name, "size_mb": round(size["gb"] * 1000, 3),
+            "avg_weight_bits": size["avg_weight_bits"], "files": files}

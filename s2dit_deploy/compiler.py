@@ -65,4 +65,11 @@ def compile_model(name: str, target: str = "coreml", quant: Any = None, out_dir:
             bundle.info["compile"][stage.name] = {
                 "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(_peak_rss_mb(), 1)}
             log.info("compiled %s in %.1fs", stage.name, time.perf_counter() - t0)
+        if plan is not None:  # the quantization report travels with the artifacts it describes
+            from .quant.report import bundle_report
+            from .quant.size import pipeline_layout
+
+            bundle.info["quant_report"] = bundle_report(
+                bundle.path / "quant", plan, pipeline_layout(pipe),
+                {name: art.quant for name, art in bundle.artifacts.items()})
     return bundle

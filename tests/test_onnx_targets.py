@@ -47,10 +47,33 @@ def test_onnx_cpu_stage_matches_float(tiny, tmp_path, name):
     assert min(fid.values()) >= 80.0, fid
 
 
-def test_onnx_rejects_plans(tiny, tmp_path):
-    _, stages, _ = tiny
-    with pytest.raises(NotImplementedError):
-        get_target("onnx").compile(stages["decoder"], object(), tmp_path, {})
+def _mixed_plan(pipe, stage: str, target: str):
+    """Every other layer int4 weights with 16-bit inputs, the rest int8 / 8-bit."""
+    from s2dit_deploy.quant.plan import LayerQuant, QuantPlan
+    from s2dit_deploy.quant.size import pipeline_layout
+
+    names = sorted(pipeline_layout(pipe)[stage].layers)
+    layers = {n: LayerQuant("int4-pc", "int16") if i % 2 else LayerQuant("int8-pc", "int8")
+              for i, n in enumerate(names)}
+    return QuantPlan("test-mixed", pipe.config.name, {stage: layers}, target)
+
+
+def test_onnx_plan_gives_a_mixed_qdq_model_on_cpu(tiny, tmp_path):
+    import onnx
+
+    pipe, stages, calls = tiny
+    target = get_target("onnx")
+    art = target.compile(stages["dit_step"], _mixed_plan(pipe, "dit_step", "onnx"), tmp_path,
+                         {"calibration": calls, "calibration_samples": 4})
+    assert art.quant["plan"] == "test-mixed" and art.quant["overridden_tensors"] > 0
+    model = onnx.load(str(tmp_path / art.files[0]))
+    elem = {i.name: i.data_type for i in model.graph.initializer}
+    weights = {elem.get(n.input[0]) for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    acts = {elem.get(n.input[2]) for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    assert {onnx.TensorProto.INT4, onnx.TensorProto.INT8} <= weights, weights
+    assert {onnx.TensorProto.UINT8, onnx.TensorProto.UINT16} <= acts, acts
+    fid = _fidelity(stages["dit_step"], target.load(art, tmp_path), calls["dit_step"][4:], n=2)
+    assert fid["velocity"] >= 25.0, fid
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +100,17 @@ def test_onnx_qnn_errors(tiny, tmp_path, qnn_ep):
         target.compile(stages["decoder"], None, tmp_path, {"soc": "SM0000"})
     with pytest.raises(ValueError, match="calibration"):
         target.compile(stages["decoder"], None, tmp_path, {"soc": "SM8650"})
+
+
+def test_onnx_qnn_dit_step_whole_graph_on_htp(tiny, tmp_path, qnn_ep):
+    """The DiT step with the QNN rewrites (host timestep features, explicit attention, conv taps)."""
+    _, stages, calls = tiny
+    target = get_target("onnx-qnn")
+    art = target.compile(stages["dit_step"], None, tmp_path,
+                         {"soc": "SM8750", "calibration": calls, "calibration_samples": 6})
+    part = art.metadata["partition"]
+    assert part["delegated_fraction"] == 1.0 and part["fallbacks"] == [], part
+    assert art.metadata["host_inputs"]["t"]["kind"] == "timestep_features"
+    assert "Einsum" not in art.metadata["graph"]["ops"]
+    fid = _fidelity(stages["dit_step"], target.load(art, tmp_path), calls["dit_step"][4:], n=2)
+    assert fid["velocity"] >= 30.0, fid

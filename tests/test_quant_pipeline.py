@@ -132,3 +132,14 @@ def test_calibrate_cli_writes_a_legal_mixed_plan(tmp_path):
     assert plan.provenance["used_bytes"] <= plan.provenance["budget_bytes"]
     assert (tmp_path / "report-w4a8-mixed-coreml" / "sensitivity.png").is_file()
     assert "wrote" in text
+    # the plan compiles, and the bundle carries the plan, the per-layer table and the plots
+    import s2dit_deploy as sd
+
+    bundle = sd.compile("s2dit-tiny", target="coreml", quant=result["plan"], stages=("dit_step",),
+                        out_dir=tmp_path / "bundle", progress=False)
+    info = bundle.info["quant_report"]
+    assert info["plan"] == plan.name and info["avg_weight_bits"] < 16
+    assert (bundle.path / "quant" / "sensitivity.png").is_file()
+    doc = json.loads((bundle.path / "quant" / "report.json").read_text())
+    assert doc["translations"]["dit_step"] and doc["layers"]["dit_step"][0]["weight"]
+    assert QuantPlan.load(bundle.path / "quant" / "plan.json").stages == plan.stages

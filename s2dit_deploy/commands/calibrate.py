@@ -113,7 +113,9 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
         curve = runner.cumulative(sensitivity_order(results, measured[0]), measured[0], args.curve_points,
                                   decoded=True, progress=not args.json)
         timing["cumulative_s"] = round(time.perf_counter() - t2, 1)
-    plan = type(plan)(plan.name, plan.model, plan.stages, plan.target, {**plan.provenance, "model_name": name})
+    report_dir = work / f"report-{args.preset}-{args.target}"
+    plan = type(plan)(plan.name, plan.model, plan.stages, plan.target,
+                      {**plan.provenance, "model_name": name, "report_dir": str(report_dir.resolve())})
     out = Path(args.out or work / f"plan-{args.preset}-{args.target}.json")
     plan.save(out)
 
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
                             "dit_avg_weight_bits": sz["stages"]["dit_step"]["avg_weight_bits"]})
         timing["evaluate_s"] = round(time.perf_counter() - t3, 1)
     size = plan_size(plan, layouts)
-    report = write_report(work / f"report-{args.preset}-{args.target}", plan, "dit_step", shapes, results, curve,
+    report = write_report(report_dir, plan, "dit_step", shapes, results, curve,
                           presets, {"timing": timing, "size": size})
     result = {"plan": str(out), "model": name, "target": args.target, "preset": args.preset,
               "calibration": str(calib_dir), "calibration_hash": calib.hash, "size": size, "timing": timing,

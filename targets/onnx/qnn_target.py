@@ -1,6 +1,7 @@
 """``onnx-qnn`` target: QDQ ONNX models compiled to QNN context binaries (EPContext) for one SoC.
 
-Per stage: export (opset 20, static) -> ``qnn_preprocess_model`` (LayerNorm fusion) -> static QDQ
+Per stage: the QNN rewrites of ``targets/qnn/rewrite.py`` (depthwise Conv3d as conv2d taps,
+rank-5 unpatchify, explicit attention, host timestep features) -> export (opset 20, static) -> ``qnn_preprocess_model`` (LayerNorm fusion) -> static QDQ
 quantization calibrated on recorded real stage inputs (``get_qnn_qdq_config``) -> a session on the
 QNN EP with ``soc_model``/``htp_arch`` and no CPU fallback dumps the EPContext model (the context
 binary embedded). The bundle keeps both: ``<stage>.<soc>.ctx.onnx`` (what an app with ONNX Runtime
@@ -13,6 +14,7 @@ symmetric per-channel weights), ``16a8w`` (uint16 activations), ``fp16`` (float 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -21,56 +23,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
 from s2dit_deploy.targets.qnn.calibration import calibration_args
+from s2dit_deploy.targets.qnn.rewrite import apply_host_inputs, rewrite_for_qnn
 
 from s2dit_deploy.bundle import Artifact
-from s2dit_deploy.stages import Stage
+from s2dit_deploy.stages import Stage, TensorSpec
 
 from . import ort_qnn
 from .export import OrtRunner, export_stage
-from .target import plan_unsupported
+from .qdq import quantize_qdq
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SOC = "SM8750"
 PRECISIONS = ("8a8w", "16a8w", "fp16")
-
-
-class _Reader:
-    """A CalibrationDataReader over named numpy inputs."""
-
-    def __init__(self, samples: list[dict[str, np.ndarray]]):
-        self._it = iter(samples)
-
-    def get_next(self):
-        return next(self._it, None)
-
-    def rewind(self):  # not needed by MinMax; present for the protocol
-        pass
-
-
-def quantize_qdq(float_model: Path, out: Path, samples: list[dict[str, np.ndarray]], precision: str,
-                 plan: Any = None, stage: Stage | None = None) -> dict[str, Any]:
-    """Static QDQ quantization for the QNN EP; returns the quantization summary."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
-
-    reader = type("Reader", (_Reader, CalibrationDataReader), {})(samples)
-    overrides: dict[str, Any] = {}
-    if plan is not None:
-        plan_unsupported(plan, "onnx-qnn")
-        from s2dit_deploy.quant import onnx as quant_onnx
-
-        overrides = dict(quant_onnx.apply_plan(plan, stage=stage, model_path=float_model))
-    act = QuantType.QUInt16 if precision == "16a8w" else QuantType.QUInt8
-    kwargs = {"activation_type": act, "weight_type": QuantType.QInt8, "per_channel": True,
-              "weight_symmetric": True, **overrides}
-    config = get_qnn_qdq_config(str(float_model), reader, **kwargs)
-    quantize(str(float_model), str(out), config)
-    return {"precision": precision, "scheme": "onnxruntime QDQ (get_qnn_qdq_config)",
-            "activation_type": str(kwargs["activation_type"]), "weight_type": str(kwargs["weight_type"]),
-            "per_channel": bool(kwargs["per_channel"]), "calibration_samples": len(samples),
-            "plan": getattr(plan, "name", None) if plan is not None else None}
 
 
 def sqrt_to_pow(path: Path) -> int:
@@ -93,6 +61,60 @@ def sqrt_to_pow(path: Path) -> int:
         model.graph.node.insert(idx, pw)
     onnx.save(model, str(path))
     return len(nodes)
+
+
+def clean_biases(path: Path) -> int:
+    """Lift Constant / Identity-of-initializer nodes to initializers, drop all-zero Conv / LayerNorm biases and give every other
+    Conv / Gemm bias its own initializer, in place (same numbers); returns how many changed.
+
+    ONNX Runtime's QNN QDQ config quantizes an all-zero bias (freshly initialised layers, e.g. the
+    sandwich's downsampler) like an activation, with a run-time QuantizeLinear on a float
+    initializer; the QNN EP then rejects the weight's DequantizeLinear and the whole Conv falls
+    out of the HTP graph. Shared biases (the exporter merges equal initializers) get one copy
+    per node so each can take its node's input x weight scale.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    changed = 0
+    for node in list(model.graph.node):  # the exporter writes some constants (zeros) as Constant nodes
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+            model.graph.node.remove(node)
+            changed += 1
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in list(model.graph.node):  # ... and equal initializers as Identity nodes of one of them
+        if node.op_type == "Identity" and node.input[0] in inits:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(inits[node.input[0]])
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+            inits[tensor.name] = tensor
+            model.graph.node.remove(node)
+            changed += 1
+    uses = Counter(name for n in model.graph.node for name in n.input)
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "ConvTranspose", "LayerNormalization") or len(node.input) < 3 \
+                or node.input[2] not in inits:
+            continue
+        bias = node.input[2]
+        value = numpy_helper.to_array(inits[bias])
+        if node.op_type in ("Conv", "LayerNormalization") and not np.any(value):
+            del node.input[2]
+            changed += 1
+        elif uses[bias] > 1:
+            name = f"{bias}__{node.name or changed}"
+            model.graph.initializer.append(numpy_helper.from_array(value, name))
+            uses[bias] -= 1
+            node.input[2] = name
+            changed += 1
+    if changed:
+        onnx.save(model, str(path))
+    return changed
 
 
 def _ops(path: Path) -> Counter:
@@ -162,16 +184,36 @@ def diagnose(model: Path, soc: str, extra: dict[str, str] | None = None) -> list
 
 
 class OnnxQnnRunner(OrtRunner):
-    """Runs an EPContext model on the QNN EP (HTP emulation on x86), optionally profiling."""
+    """Runs an EPContext model on the QNN EP (HTP emulation on x86), optionally profiling.
+
+    ``host_inputs`` are the host-side input transforms of the QNN rewrites (``t`` -> fp32
+    timestep features); ``graph_inputs`` the specs of what the graph then takes.
+    """
 
     def __init__(self, path: Path, contract: dict[str, Any], soc: str, fp16: bool = False,
-                 profile_csv: Path | None = None):
+                 profile_csv: Path | None = None, host_inputs: dict[str, Any] | None = None,
+                 graph_inputs: list[dict[str, Any]] | None = None):
         extra = {"enable_htp_fp16_precision": "1"} if fp16 else None
         import onnxruntime as ort
 
         so = ort_qnn.session_options(soc, profile_csv=profile_csv, extra=extra)
-        super().__init__(path, contract, session=ort.InferenceSession(str(path), so))
+        graph_contract = {**contract, "inputs": graph_inputs} if graph_inputs else contract
+        super().__init__(path, graph_contract, session=ort.InferenceSession(str(path), so))
         self.profile_csv = profile_csv
+        self.host_inputs = host_inputs or {}
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.host_inputs:
+            named = apply_host_inputs(self.host_inputs, dict(inputs))
+            inputs = {k: v.numpy() if hasattr(v, "numpy") else v for k, v in named.items()}
+        return super().run(inputs)
+
+
+def qnn_graph_stage(stage: Stage) -> tuple[Stage, dict[str, int], dict[str, Any]]:
+    """The stage as the HTP graph takes it: the QNN rewrites (``targets/qnn/rewrite.py``) applied."""
+    module, example, rewrites, host = rewrite_for_qnn(stage.module, stage.example_inputs, stage.input_names)
+    specs = tuple(TensorSpec.of(n, a) for n, a in zip(stage.input_names, example))
+    return dataclasses.replace(stage, module=module, example_inputs=example, inputs=specs), rewrites, host
 
 
 class OnnxQnnTarget:
@@ -187,9 +229,10 @@ class OnnxQnnTarget:
         out_dir = Path(out_dir)
         ctx_rel, qdq_rel = f"{stage.name}.{soc.lower()}.ctx.onnx", f"{stage.name}.{soc.lower()}.qdq.onnx"
         t0 = time.perf_counter()
+        graph_stage, rewrites, host = qnn_graph_stage(stage)
         with tempfile.TemporaryDirectory(prefix="s2dit-onnx-qnn-") as tmp:
             tmp = Path(tmp)
-            graph = export_stage(stage, tmp / "float.onnx", options.get("onnx_exporter", "torchscript"))
+            graph = export_stage(graph_stage, tmp / "float.onnx", options.get("onnx_exporter", "torchscript"))
             from onnxruntime.quantization.execution_providers.qnn import (
                 qnn_preprocess_model,
             )
@@ -197,14 +240,15 @@ class OnnxQnnTarget:
             pre = tmp / "pre.onnx"
             if not qnn_preprocess_model(str(tmp / "float.onnx"), str(pre), fuse_layernorm=True):
                 pre = tmp / "float.onnx"
-            graph["rewrites"] = {"sqrt_to_pow": sqrt_to_pow(pre)}
+            graph["rewrites"] = {**rewrites, "sqrt_to_pow": sqrt_to_pow(pre), "clean_biases": clean_biases(pre)}
             if precision == "fp16":
                 (out_dir / qdq_rel).write_bytes(pre.read_bytes())
                 quant = {"precision": "fp16", "scheme": "float model, HTP fp16 precision"}
             else:
                 names = set(graph["inputs"])
                 args = calibration_args(stage, options)
-                samples = [{n: a.numpy() for n, a in zip(stage.input_names, t) if n in names} for t in args]
+                named = [apply_host_inputs(host, dict(zip(stage.input_names, t))) for t in args]
+                samples = [{n: torch.as_tensor(a).numpy() for n, a in s.items() if n in names} for s in named]
                 quant = quantize_qdq(pre, out_dir / qdq_rel, samples, precision, plan, stage)
         part = compile_context(out_dir / qdq_rel, out_dir / ctx_rel, soc, fp16=precision == "fp16")
         seconds = round(time.perf_counter() - t0, 2)
@@ -215,11 +259,14 @@ class OnnxQnnTarget:
                         quant={**quant, "soc": soc},
                         metadata={"soc": soc, "soc_model": soc_model, "htp_arch": arch, "precision": precision,
                                   "graph": graph, "partition": part, "compile_seconds": seconds,
+                                  "host_inputs": host, "graph_inputs": graph_stage.contract()["inputs"],
                                   "runtime": "onnxruntime + QNN EP (HTP emulation here, Hexagon on device)"})
 
     def load(self, artifact: Artifact, bundle_dir: Path, profile_csv: Path | None = None) -> OnnxQnnRunner:
-        return OnnxQnnRunner(Path(bundle_dir) / artifact.files[0], artifact.contract, artifact.metadata["soc"],
-                             fp16=artifact.metadata.get("precision") == "fp16", profile_csv=profile_csv)
+        meta = artifact.metadata
+        return OnnxQnnRunner(Path(bundle_dir) / artifact.files[0], artifact.contract, meta["soc"],
+                             fp16=meta.get("precision") == "fp16", profile_csv=profile_csv,
+                             host_inputs=meta.get("host_inputs"), graph_inputs=meta.get("graph_inputs"))
 
 
 TARGET = OnnxQnnTarget()

@@ -114,13 +114,8 @@ class Lowered:
 def make_quantizer(precision: str, soc: str, plan: Any = None, stage: Any = None):
     """QnnQuantizer for a precision preset, or translated from a QuantPlan by the quant package."""
     if plan is not None:
-        try:
-            from s2dit_deploy.quant import qnn as quant_qnn
-        except ImportError as exc:
-            raise NotImplementedError(
-                "a QuantPlan was given but s2dit_deploy.quant.qnn (the QuantPlan -> QnnQuantizer "
-                "translation) is not available in this version; compile with plan=None and "
-                "precision='8a8w' (or another preset) instead") from exc
+        from s2dit_deploy.quant import qnn as quant_qnn
+
         return quant_qnn.apply_plan(plan, stage=stage, soc=soc)
     from executorch.backends.qualcomm.quantizer.quantizer import (
         QnnQuantizer,
@@ -208,6 +203,10 @@ def lower(module: torch.nn.Module, example: tuple, input_names: list[str], soc: 
         module = quantize(module, example, calibration, make_quantizer(precision, soc, plan, stage))
         quant.update({"scheme": "pt2e-qnn", "per_channel": True, "calibration_samples": len(calibration),
                       "plan": getattr(plan, "name", None) if plan is not None else None})
+        if plan is not None:
+            from s2dit_deploy.quant import qnn as quant_qnn
+
+            quant["translation"] = quant_qnn.summary(plan, getattr(stage, "name", stage))
     specs = compiler_specs(soc, precision, profile)
     records, native = _Records(), []
     plog = logging.getLogger(_PARTITIONER_LOGGER)

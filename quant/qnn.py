@@ -1,0 +1,121 @@
+"""QuantPlan -> ExecuTorch ``QnnQuantizer`` (Hexagon HTP), one quantizer config per layer.
+
+HTP runs mixed precision as per-op quantization encodings: every op has an (activation bits,
+weight bits) pair from ``QuantDtype`` (8a8w, 8a4w, 16a8w, 16a4w) and QNN inserts the converts
+between 8- and 16-bit activations. The translation therefore:
+
+- picks the stage's most common pair as the quantizer default (it also covers the ops no plan
+  layer owns: attention matmuls, softmax, norms, residual adds);
+- gives every other layer its own ``ModuleQConfig`` through ``set_submodule_qconfig_list``, matched
+  on the innermost module path of each node (exactly the plan's layer name, not a prefix);
+- keeps weights per output channel (the plan's legal QNN weights are ``int8-pc`` / ``int4-pc``).
+
+Activation ranges are re-observed by PT2E on the same recorded stream the plan was calibrated on
+(``targets/qnn/calibration.py``): QNN's observers produce the encodings its converter expects, so
+the plan's ``act_range`` values serve as provenance, not as fixed encodings. ``-mse`` weight
+schemes fall back to QNN's min-max per-channel observer (logged), since ``ModuleQConfig`` takes no
+weight observer.
+
+Contract (``targets/qnn/lower.py``): ``apply_plan(plan, stage=Stage, soc="SM8750") -> QnnQuantizer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from .schemes import act_scheme, weight_scheme
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {(8, 8): "use_8a8w", (8, 4): "use_8a4w", (16, 8): "use_16a8w", (16, 4): "use_16a4w"}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_")
+
+
+def bit_pair(weight: str, act: str) -> tuple[int, int]:
+    """(activation bits, weight bits) of a plan layer, as QNN's QuantDtype names them."""
+    ws, a = weight_scheme(weight), act_scheme(act)
+    if ws.kind != "linear" or ws.granularity != "channel":
+        raise ValueError(f"executorch-qnn runs per-channel int8/int4 weights, not {weight!r}")
+    if a.is_float or a.dynamic:
+        raise ValueError(f"executorch-qnn needs static int8/int16 activations, not {act!r}")
+    return a.bits, ws.bits
+
+
+def innermost_path(node) -> str | None:
+    """The module path (``dit.sandwich.groups.0.high.0.attn.q``) a node was traced in."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path if isinstance(path, str) else None
+
+
+def layer_of(path: str | None, layers_by_norm: Mapping[str, str]) -> str | None:
+    """Plan layer owning a module path: the layer whose name is a ``.``-bounded suffix of the path
+    or of one of its ancestors (a rewrite may split a layer into children, e.g. ``local.taps.0``)."""
+    if not path:
+        return None
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):  # the module itself, then its ancestors
+        for start in range(end):  # longest suffix first
+            hit = layers_by_norm.get(_norm(".".join(parts[start:end])))
+            if hit is not None:
+                return hit
+    return None
+
+
+def layer_pairs(plan, stage_name: str) -> dict[str, tuple[int, int]]:
+    layers = plan.stages.get(stage_name, {})
+    if not layers:
+        raise ValueError(f"plan {plan.name!r} has no layers for stage {stage_name!r}")
+    mse = [n for n, lq in layers.items() if weight_scheme(lq.weight).range_method == "mse"]
+    if mse:
+        log.info("qnn %s: %d -mse weight schemes use QNN's min-max per-channel observer", stage_name, len(mse))
+    return {name: bit_pair(lq.weight, lq.act) for name, lq in layers.items()}
+
+
+def apply_plan(plan, stage: Any = None, soc: str = "SM8750"):
+    """A QnnQuantizer that quantizes each layer of ``stage`` as ``plan`` says."""
+    from executorch.backends.qualcomm.quantizer.quantizer import ModuleQConfig, QnnQuantizer, QuantDtype
+
+    from s2dit_deploy.targets.qnn.lower import resolve_soc
+
+    plan.check_target("executorch-qnn")
+    stage_name = getattr(stage, "name", stage)
+    pairs = layer_pairs(plan, stage_name)
+    default_pair, _ = Counter(pairs.values()).most_common(1)[0]
+
+    def qconfig(pair: tuple[int, int]) -> ModuleQConfig:  # noqa: E306
+        return ModuleQConfig(getattr(QuantDtype, _DTYPES[pair]), is_conv_per_channel=True,
+                             is_linear_per_channel=True, is_embedding_per_channel=True)
+
+    quantizer = QnnQuantizer(soc_model=resolve_soc(soc))
+    quantizer.set_default_quant_config(getattr(QuantDtype, _DTYPES[default_pair]), is_conv_per_channel=True,
+                                       is_linear_per_channel=True, is_embedding_per_channel=True)
+    by_norm = {_norm(n): n for n in pairs}
+    rules = []
+    for pair in sorted(set(pairs.values()) - {default_pair}):
+        names = frozenset(n for n, p in pairs.items() if p == pair)
+
+        def predicate(node, names=names) -> bool:
+            return layer_of(innermost_path(node), by_norm) in names
+
+        rules.append((predicate, qconfig(pair)))
+    quantizer.set_submodule_qconfig_list(rules)
+    log.info("qnn %s: %s", stage_name, summary(plan, stage_name))
+    return quantizer
+
+
+def summary(plan, stage_name: str) -> dict[str, Any]:
+    """What the translation does to one stage (for the compile report)."""
+    pairs = layer_pairs(plan, stage_name)
+    default_pair, _ = Counter(pairs.values()).most_common(1)[0]
+    return {"plan": plan.name, "stage": stage_name, "default": "%da%dw" % default_pair,
+            "layers": dict(Counter("%da%dw" % p for p in pairs.values()))}
