@@ -106,9 +106,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the whole table as JSON (default: a summary)")
     a = p.parse_args(argv)
     table = scaling_table(a.model, repeats=a.repeats, warmup=a.warmup, threads=a.threads)
-    sys.stdout.write(json.dumps(table, indent=2) + "\n")
+    if a.json:
+        sys.stdout.write(json.dumps(table, indent=2) + "\n")
+        return
+    lines = [f"{table['model']}: {table['unit']}, {table['torch_threads']} thread(s)"]
+    for r in table["rows"]:
+        lines.append(f"  {r['kind']:<8} {r['factor']}x  {r['tokens']:6d} tokens  {r['median_ms']:9.2f} ms")
+    for kind, ratios in table["ratios"].items():
+        lines.append(f"  {kind}: " + ", ".join(f"{k} = {v}" for k, v in ratios.items()))
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

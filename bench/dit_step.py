@@ -119,9 +119,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON (default: a table)")
     a = p.parse_args(argv)
     out = compare(a.model, tuple(a.schemes), a.repeats, a.warmup, a.threads, Path(a.cache_dir))
-    sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    if a.json:
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+        return
+    lines = [f"{out['model']} dit_step, {out['threads']} thread(s), median of {out['repeats']} interleaved runs"]
+    for name, st in out["timings"].items():
+        ratio = out["eager_over_xnnpack"].get(name)
+        lines.append(f"  {name:<20} {st['median_ms']:9.1f} ms" + (f"   eager/this = {ratio:.2f}x" if ratio else ""))
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

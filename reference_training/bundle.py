@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the bars as JSON (default: one line per variant)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
@@ -78,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     bars = evaluate_variants(mcfg, load_classifier(args.classifier), variants, args.count, args.chunks)
     bars["file_sizes_mib"] = sizes
     (Path(args.distill or args.pretrain) / "bars.json").write_text(json.dumps(bars, indent=2) + "\n")
-    sys.stdout.write(json.dumps(bars, indent=2) + "\n")  # this module's CLI output
+    if args.json:  # this module's CLI output
+        sys.stdout.write(json.dumps(bars, indent=2) + "\n")
+    else:
+        for name, b in bars.items():
+            if isinstance(b, dict) and "fvd_proxy" in b:
+                sys.stdout.write(f"{name:<48} FVD-proxy {b['fvd_proxy']:8.2f}  attribute acc "
+                                 f"{b['attribute_accuracy']['mean']:.3f}  boundary jump {b['boundary_jump']:.3f}\n")
     return 0
 
 

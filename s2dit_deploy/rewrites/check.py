@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import logging
 import math
 import time
@@ -112,11 +113,13 @@ def main(argv=None) -> int:
     p.add_argument("--resolution", default=None, help="HxW, e.g. 288x512")
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--batched-heads", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON document on stdout")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     res = tuple(int(v) for v in args.resolution.split("x")) if args.resolution else None
     result = check(args.model, res, args.fp16, AneOptions(split_heads=not args.batched_heads))
-    log.warning("%s", json.dumps(result, indent=1))
+    text = json.dumps(result) if args.json else json.dumps(result, indent=1)
+    sys.stdout.write(text + "\n")  # this module's CLI output
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import logging
 import resource
 import time
@@ -221,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help=".mlpackage path to save")
     p.add_argument("--residency", default=None, help="write the ANE residency report here (.json + .md)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line on stdout")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, format="%(message)s")
     opts = CoreMLOptions.from_dict(dict(kv.split("=", 1) for kv in args.option))
     t0 = time.time()
     res = tuple(int(v) for v in args.resolution.split("x")) if args.resolution else None
@@ -244,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                          node_blocks=dstage.node_blocks)
         write_report(report, args.residency)
         result["residency"] = report["summary"]
-    log.info("%s", json.dumps(result, indent=1, default=str))
+    # this module's CLI output: one JSON line with --json, indented otherwise
+    sys.stdout.write(json.dumps(result, default=str, indent=None if args.json else 1) + "\n")
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import logging
 import time
 
@@ -94,8 +95,9 @@ def main(argv=None) -> int:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--residency", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line on stdout")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, format="%(message)s")
     opts = CoreMLOptions.from_dict(dict(kv.split("=", 1) for kv in args.option))
     cfg = get_card(args.model).config
     if args.dim:
@@ -118,7 +120,8 @@ def main(argv=None) -> int:
         write_report(rep, args.residency)
         result["residency"] = {k: rep["summary"][k] for k in
                                ("ops", "op_share_ane", "flops", "flop_share_ane", "rank5_tensors", "rule_hits")}
-    log.info("%s", json.dumps(result, indent=1))
+    # this module's CLI output: one JSON line with --json, indented otherwise
+    sys.stdout.write(json.dumps(result, default=str, indent=None if args.json else 1) + "\n")
     return 0
 
 
