@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .schemes import act_scheme, target_schemes, weight_scheme
+from .schemes import act_scheme, fits, target_schemes, weight_scheme
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,8 @@ def preset_plan(preset: str, layouts: Mapping[str, Any], model: str, target: str
         for name in lay.layers:
             kind = lay.kinds.get(name, "")
             w, a = legalize(*_preset_schemes(preset, stage, name, kind), target)
+            if not fits(w, tuple(lay.layers[name])):  # per-block int4 needs whole blocks per row
+                w = "int8-pc" if target_schemes(target).legal_weight("int8-pc") else w
             if target == "executorch-xnnpack":  # torchao per-layer flow: Linear only, dynamic int8 acts
                 w, a = (w, "int8-dyn") if kind == "Linear" and w != "fp16" else ("fp16", "float")
             rng = None

@@ -73,6 +73,13 @@ def weight_scheme(name: str) -> WeightScheme:
     return WeightScheme(name, "linear", bits, "block", int(gran[1:]), method)
 
 
+def fits(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether a weight of ``shape`` (output channels first) can be stored with scheme ``name``:
+    per-block schemes need the input size to be a multiple of the block."""
+    ws = weight_scheme(name)
+    return ws.granularity != "block" or math.prod(shape[1:]) % ws.block == 0
+
+
 @dataclass(frozen=True)
 class ActScheme:
     name: str

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .capture import CalibrationSet, model_hash
 from .fake_quant import WeightCache, quantizable_layers, quantized
 from .plan import LayerQuant
+from .schemes import fits
 from .size import STAGE_MODULES
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,8 @@ class SensitivityRunner:
         for s in estimated:
             if s in entry and (not entry[s].get("estimated") or s in entry.get("local", {})):
                 continue  # measured, or already estimated against the same measured point
+            if s != "fp16" and not fits(s, tuple(layer.weight.shape)):
+                continue  # e.g. int4-b32 on a layer whose input size is not a multiple of 32
             e_s = local_error(layer, self.wcache.get(name, layer, s), ms) if s != "fp16" else 0.0
             entry["local"][s] = e_s
             mse = n_act + max(n_base - n_act, 0.0) * (e_s / e_base if e_base > 0 else 0.0)

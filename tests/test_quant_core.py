@@ -157,3 +157,14 @@ def test_plan_size_counts_bits():
     assert size["weights"] == n
     assert 8.0 < size["avg_weight_bits"] < 8.6  # 8 bits + one fp16 scale per row
     assert size["bytes"] == int(n + 2 * sum(s[0] for s in lay["dit_step"].layers.values()) + 200)
+
+
+def test_per_block_presets_fall_back_where_rows_are_not_whole_blocks():
+    from s2dit_deploy.quant.schemes import fits
+
+    assert fits("int4-b32", (8, 64)) and not fits("int4-b32", (8, 27)) and fits("int4-pc", (8, 27))
+    lay = StageLayout({"proj": (16, 64), "patch_embed": (16, 27)}, {"proj": "Linear", "patch_embed": "Linear"}, 0)
+    plan = preset_plan("w4a8-uniform", {"dit_step": lay}, "toy", "executorch-xnnpack")
+    assert plan.layer("dit_step", "proj").weight == "int4-b32"
+    assert plan.layer("dit_step", "patch_embed").weight == "int8-pc"
+    plan.check_target("executorch-xnnpack")

@@ -102,6 +102,10 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+class QnnCompileError(RuntimeError):
+    """QNN could not build an HTP graph for a stage (the message says why and what to do)."""
+
+
 @dataclass
 class Lowered:
     program: bytes
@@ -216,8 +220,14 @@ def lower(module: torch.nn.Module, example: tuple, input_names: list[str], soc: 
             edge = to_edge_transform_and_lower_to_qnn(module, example, specs)
         report = partition_report(edge, records.messages, native)
         program = edge.to_executorch()
-    except Exception:
+    except Exception as exc:
         log.error("QNN lowering failed; last QNN messages:\n%s", "\n".join(native[-40:]))
+        tcm = [line.split("<E>")[-1].strip() for line in native if "fit in TCM" in line]
+        if tcm:
+            raise QnnCompileError(
+                f"HTP cannot tile an op of this graph into its on-chip memory (TCM): {tcm[0]}. The graph's "
+                "activations are too large for one HTP graph at this resolution; compile this stage for "
+                "another target (e.g. executorch-xnnpack on the CPU) or at a lower resolution") from exc
         raise
     finally:
         plog.removeHandler(records)
