@@ -22,20 +22,16 @@ Contract (``targets/qnn/lower.py``): ``apply_plan(plan, stage=Stage, soc="SM8750
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from .coreml import _norm
 from .schemes import act_scheme, weight_scheme
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {(8, 8): "use_8a8w", (8, 4): "use_8a4w", (16, 8): "use_16a8w", (16, 4): "use_16a4w"}
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_")
 
 
 def bit_pair(weight: str, act: str) -> tuple[int, int]:
