@@ -1,12 +1,12 @@
 """Torch eager fp32 vs XNNPACK fp32 / int8 / int8-dynamic / 8da4w for one model's ``dit_step``.
 
-Compiled ``.pte`` files are cached under ``cache_dir/<model>/<scheme>/`` (with the artifact's
-JSON) so repeated benchmark runs do not recompile. int8 is calibrated on real ``dit_step`` inputs
+Compiled ``.pte`` files are cached under ``cache_dir/<model>-<HxW>-<weight hash>/<scheme>/`` (with
+the artifact's JSON) so repeated benchmark runs do not recompile (and new weights or shapes do). int8 is calibrated on real ``dit_step`` inputs
 recorded from float streaming runs. Timing is interleaved round-robin (see
 ``harness.time_interleaved``) on the recorded inputs of a mid-stream call, single-threaded by
 default so the eager / XNNPACK ratio is not dominated by thread scheduling on a shared host.
 
-    python -m s2dit_deploy.bench.dit_step --model s2dit-small --schemes none int8 8da4w
+    python -m s2dit_deploy.bench.dit_step --model s2dit-small --schemes none int8 8da4w [--resolution 192x320]
 """
 
 from __future__ import annotations
@@ -41,25 +41,33 @@ def set_threads(n: int) -> None:
         log.warning("could not size the ExecuTorch thread pool: %s", exc)
 
 
-def dit_step_setup(model: str) -> tuple[Any, dict[str, list], Any]:
-    """(dit_step Stage, recorded calls of every stage, pipeline) for ``model``."""
+def dit_step_setup(model: str, resolution: tuple[int, int] | None = None) -> tuple[Any, dict[str, list], Any]:
+    """(dit_step Stage, recorded calls of every stage, pipeline) for ``model`` (at ``resolution``)."""
     from s2dit_deploy.model_zoo.pipeline import load_pipeline
     from s2dit_deploy.stages import build_stages
     from s2dit_deploy.targets.xnnpack.target import CALIBRATION_PROMPTS
     from s2dit_deploy.fidelity import record_inputs
 
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, height=resolution[0] if resolution else None,
+                         width=resolution[1] if resolution else None)
     stage = build_stages(pipe, ("dit_step",))["dit_step"]
     calls = record_inputs(pipe, CALIBRATION_PROMPTS[0], num_chunks=2, steps=pipe.config.steps, seed=0)
     return stage, calls, pipe
 
 
-def compiled_variant(model: str, scheme: str, stage, calls, cache_dir: Path = DEFAULT_CACHE):
-    """(Artifact, folder) of ``model``'s dit_step compiled with ``scheme``; compiled once, then reused."""
+def cache_key(pipe) -> str:
+    """Cache folder name: model, resolution and weight hash (new weights or shapes recompile)."""
+    from s2dit_deploy.quant.capture import model_hash
+
+    return f"{pipe.config.name}-{pipe.config.height}x{pipe.config.width}-{model_hash(pipe)[:12]}"
+
+
+def compiled_variant(key: str, scheme: str, stage, calls, cache_dir: Path = DEFAULT_CACHE):
+    """(Artifact, folder) of the dit_step compiled with ``scheme``; compiled once per ``key``, then reused."""
     from s2dit_deploy.bundle import Artifact
     from s2dit_deploy.targets.xnnpack.target import TARGET
 
-    folder = Path(cache_dir) / model / scheme
+    folder = Path(cache_dir) / key / scheme
     meta = folder / "artifact.json"
     if meta.is_file() and (folder / "dit_step.pte").is_file():
         return Artifact.from_dict(json.loads(meta.read_text())), folder
@@ -71,11 +79,13 @@ def compiled_variant(model: str, scheme: str, stage, calls, cache_dir: Path = DE
     return art, folder
 
 
-def dit_step_callables(model: str, schemes=SCHEMES, cache_dir: Path = DEFAULT_CACHE) -> tuple[dict, dict]:
+def dit_step_callables(model: str, schemes=SCHEMES, cache_dir: Path = DEFAULT_CACHE,
+                       resolution: tuple[int, int] | None = None) -> tuple[dict, dict]:
     """No-arg callables {"eager-fp32": ..., "xnnpack-<scheme>": ...} on one real mid-stream input."""
     from s2dit_deploy.targets.xnnpack.target import TARGET
 
-    stage, calls, _ = dit_step_setup(model)
+    stage, calls, pipe = dit_step_setup(model, resolution)
+    key = cache_key(pipe)
     named = calls["dit_step"][len(calls["dit_step"]) // 2]
     args = tuple(named[n] for n in stage.input_names)
     module = stage.module
@@ -87,7 +97,7 @@ def dit_step_callables(model: str, schemes=SCHEMES, cache_dir: Path = DEFAULT_CA
     fns: dict[str, Any] = {"eager-fp32": eager}
     info: dict[str, Any] = {}
     for scheme in schemes:
-        art, folder = compiled_variant(model, scheme, stage, calls, cache_dir)
+        art, folder = compiled_variant(key, scheme, stage, calls, cache_dir)
         runner = TARGET.load(art, folder)
         tensors = runner.ordered(named)
         fns[f"xnnpack-{scheme}"] = (lambda r=runner, t=tensors: r.execute(t))
@@ -100,13 +110,13 @@ def dit_step_callables(model: str, schemes=SCHEMES, cache_dir: Path = DEFAULT_CA
 
 
 def compare(model: str = "s2dit-small", schemes=SCHEMES, repeats: int = 15, warmup: int = 2, threads: int = 1,
-            cache_dir: Path = DEFAULT_CACHE) -> dict[str, Any]:
+            cache_dir: Path = DEFAULT_CACHE, resolution: tuple[int, int] | None = None) -> dict[str, Any]:
     set_threads(threads)
-    fns, info = dit_step_callables(model, schemes, cache_dir)
+    fns, info = dit_step_callables(model, schemes, cache_dir, resolution)
     stats = time_interleaved(fns, repeats, warmup)
     eager = stats["eager-fp32"]["median_ms"]
     ratios = {k: round(eager / v["median_ms"], 2) for k, v in stats.items() if k != "eager-fp32"}
-    return {"model": model, "threads": threads, "repeats": repeats, "warmup": warmup, "timings": stats,
+    return {"model": model, "resolution": list(resolution) if resolution else None, "threads": threads, "repeats": repeats, "warmup": warmup, "timings": stats,
             "eager_over_xnnpack": ratios, "variants": info,
             "unit": "ms per dit_step call (host CPU, interleaved runs)"}
 
@@ -119,9 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
+    p.add_argument("--resolution", default=None, metavar="HxW",
+                   help="video resolution, e.g. 192x320 (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON (default: a table)")
     a = p.parse_args(argv)
-    out = compare(a.model, tuple(a.schemes), a.repeats, a.warmup, a.threads, Path(a.cache_dir))
+    res = tuple(int(v) for v in a.resolution.lower().split("x")) if a.resolution else None
+    out = compare(a.model, tuple(a.schemes), a.repeats, a.warmup, a.threads, Path(a.cache_dir), res)
     if a.json:
         sys.stdout.write(json.dumps(out, indent=2) + "\n")
         return

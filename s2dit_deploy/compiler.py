@@ -34,13 +34,17 @@ def resolve_plan(quant: Any, pipe, target: str):
 
 def compile_model(name: str, target: str = "coreml", quant: Any = None, out_dir: str | os.PathLike | None = None,
                   checkpoint: str | os.PathLike | None = None, stages: tuple[str, ...] = STAGE_NAMES,
-                  progress: bool = True, **options: Any) -> Bundle:
-    """Compile every stage of a model for ``target`` into ``out_dir`` (default build/<target>)."""
+                  progress: bool = True, height: int | None = None, width: int | None = None,
+                  **options: Any) -> Bundle:
+    """Compile every stage of a model for ``target`` into ``out_dir`` (default build/<target>).
+
+    ``height`` / ``width`` compile at another video resolution than the checkpoint's (the weights
+    do not depend on it; the static shapes of every stage do)."""
     from .targets.base import get_target
 
     tgt = get_target(target)  # fail on a bad target name before any heavy work
     config, folder = resolve(name, checkpoint)
-    pipe = load_pipeline(name, checkpoint)
+    pipe = load_pipeline(name, checkpoint, height=height, width=width)
     plan = resolve_plan(quant, pipe, target)
     built = build_stages(pipe, tuple(stages))
     # a target may check its options and record what it needs from the float pipeline (e.g. real

@@ -79,7 +79,8 @@ def validate(bundle: Bundle | str, prompt: str = DEFAULT_PROMPT, num_chunks: int
 
     bundle = load_bundle(bundle) if not isinstance(bundle, Bundle) else bundle
     name, ckpt = bundle.model["name"], bundle.model.get("checkpoint")
-    pipe = load_pipeline(ckpt or name)
+    cfg = bundle.model.get("config") or {}  # the resolution the bundle was compiled at
+    pipe = load_pipeline(ckpt or name, height=cfg.get("height"), width=cfg.get("width"))
     steps = steps or pipe.config.steps
     stages = build_stages(pipe, tuple(bundle.artifacts))
     calls = record_inputs(pipe, prompt, num_chunks, steps, seed)

@@ -17,8 +17,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--stages", default="text_encoder,dit_step,decoder", help="comma-separated stages")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="target-specific option, repeatable (e.g. xnnpack_quant=int8)")
+    p.add_argument("--resolution", default=None, metavar="HxW",
+                   help="video resolution to compile at, e.g. 192x320 (default: the checkpoint's)")
     p.add_argument("-o", "--out", default=None, help="bundle folder (default build/<target>)")
     return p
+
+
+def parse_resolution(text: str | None) -> tuple[int | None, int | None]:
+    if not text:
+        return None, None
+    h, sep, w = text.lower().partition("x")
+    if not sep or not h.isdigit() or not w.isdigit():
+        raise ValueError(f"--resolution {text!r} must look like HEIGHTxWIDTH, e.g. 192x320")
+    return int(h), int(w)
 
 
 def parse_options(pairs: list[str]) -> dict[str, str]:
@@ -37,9 +48,10 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
     options = parse_options(args.option)
     if args.soc:
         options["soc"] = args.soc
+    height, width = parse_resolution(args.resolution)
     bundle = compile_model(args.model, target=args.target, quant=args.quant, out_dir=args.out,
                            stages=tuple(s for s in args.stages.split(",") if s), progress=not args.json,
-                           **options)
+                           height=height, width=width, **options)
     manifest = bundle.manifest()
     lines = [f"bundle {bundle.path} ({args.target})"]
     for stage, info in manifest["info"]["compile"].items():
