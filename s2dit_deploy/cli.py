@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
+from collections.abc import Iterator
 
 from .commands import COMMANDS
 
@@ -28,6 +31,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """While a command runs, send whatever writes to stdout (libraries' prints, native QNN / XNNPACK
+    logs on file descriptor 1) to stderr, so that stdout carries only the command's result."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).fflush(None)  # native buffers still holding output for fd 1
+        except (OSError, AttributeError):
+            pass
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -36,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        result, text = args._run(args)
+        with stdout_to_stderr():
+            result, text = args._run(args)
     except (KeyError, ValueError, FileNotFoundError, RuntimeError, AssertionError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         if args.json:

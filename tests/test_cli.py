@@ -31,6 +31,25 @@ def test_models_json(capsys):
     assert [m["name"] for m in out] == ["s2dit-tiny", "s2dit-small", "s2dit-mobile"]
 
 
+def test_json_stdout_is_only_the_result(monkeypatch, capfd):
+    """Libraries that print (ExecuTorch's quantizer) or write to fd 1 (native QNN logs) must not
+    corrupt --json output: while a command runs, stdout goes to stderr."""
+    import os
+
+    from s2dit_deploy.commands import models
+
+    def noisy(args):
+        print("No quant config is implemented for op, aten.dropout.default")
+        os.write(1, b"[INFO] [Qnn ExecuTorch]: native log line\n")
+        return {"ok": True}, "ok"
+
+    monkeypatch.setattr(models, "run", noisy)
+    assert main(["models", "--json"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out) == {"ok": True}
+    assert "No quant config" in err and "native log line" in err
+
+
 def test_generate_writes_a_playable_video(tmp_path, capsys):
     out = tmp_path / "v.gif"
     code = main(["generate", "a red ball", "--model", "s2dit-tiny", "--chunks", "2", "--steps", "1",
