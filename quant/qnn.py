@@ -16,7 +16,8 @@ the plan's ``act_range`` values serve as provenance, not as fixed encodings. ``-
 schemes fall back to QNN's min-max per-channel observer (logged), since ``ModuleQConfig`` takes no
 weight observer.
 
-Contract (``targets/qnn/lower.py``): ``apply_plan(plan, stage=Stage, soc="SM8750") -> QnnQuantizer``.
+Contract (``targets/qnn/lower.py``): ``apply_plan(plan, stage=Stage, soc="SM8750", act_observer=cls)
+-> QnnQuantizer``.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def layer_pairs(plan, stage_name: str) -> dict[str, tuple[int, int]]:
     return {name: bit_pair(lq.weight, lq.act) for name, lq in layers.items()}
 
 
-def apply_plan(plan, stage: Any = None, soc: str = "SM8750"):
+def apply_plan(plan, stage: Any = None, soc: str = "SM8750", act_observer=None):
     """A QnnQuantizer that quantizes each layer of ``stage`` as ``plan`` says."""
     from executorch.backends.qualcomm.quantizer.quantizer import ModuleQConfig, QnnQuantizer, QuantDtype
 
@@ -90,11 +91,12 @@ def apply_plan(plan, stage: Any = None, soc: str = "SM8750"):
 
     def qconfig(pair: tuple[int, int]) -> ModuleQConfig:  # noqa: E306
         return ModuleQConfig(getattr(QuantDtype, _DTYPES[pair]), is_conv_per_channel=True,
-                             is_linear_per_channel=True, is_embedding_per_channel=True)
+                             is_linear_per_channel=True, is_embedding_per_channel=True, act_observer=act_observer)
 
     quantizer = QnnQuantizer(soc_model=resolve_soc(soc))
     quantizer.set_default_quant_config(getattr(QuantDtype, _DTYPES[default_pair]), is_conv_per_channel=True,
-                                       is_linear_per_channel=True, is_embedding_per_channel=True)
+                                       is_linear_per_channel=True, is_embedding_per_channel=True,
+                                       act_observer=act_observer)
     by_norm = {_norm(n): n for n in pairs}
     rules = []
     for pair in sorted(set(pairs.values()) - {default_pair}):

@@ -168,3 +168,12 @@ def test_per_block_presets_fall_back_where_rows_are_not_whole_blocks():
     assert plan.layer("dit_step", "proj").weight == "int4-b32"
     assert plan.layer("dit_step", "patch_embed").weight == "int8-pc"
     plan.check_target("executorch-xnnpack")
+
+
+def test_preset_sizes_from_the_meta_layout():
+    from s2dit_deploy.quant.size import preset_sizes
+
+    rows = {(r["target"], r["preset"]): r for r in preset_sizes("s2dit-tiny")}
+    for target in ("coreml", "executorch-xnnpack"):
+        assert rows[(target, "w8a8")]["avg_weight_bits"] > rows[(target, "w4a8-uniform")]["avg_weight_bits"]
+        assert rows[(target, "w4a8-mixed")]["avg_weight_bits"] >= rows[(target, "w4a8-uniform")]["avg_weight_bits"]

@@ -17,7 +17,9 @@ from s2dit_deploy.stages import Stage
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"prompt": "a red circle bouncing left on a black background", "num_chunks": 2, "seed": 0}
+# disjoint from the validation prompt (s2dit_deploy.fidelity.DEFAULT_PROMPT): the stream a quantized
+# artifact is judged on is never the one it was calibrated on
+DEFAULTS = {"prompt": "a red ball bouncing on a blue background", "num_chunks": 2, "seed": 1}
 _RECORDED: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 

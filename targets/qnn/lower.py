@@ -115,12 +115,37 @@ class Lowered:
     host_inputs: dict[str, Any] = field(default_factory=dict)
 
 
-def make_quantizer(precision: str, soc: str, plan: Any = None, stage: Any = None):
+ACT_OBSERVERS = ("minmax", "moving_average", "histogram")
+
+
+def act_observer_class(name: str = "minmax"):
+    """Activation observer for QNN's PT2E configs.
+
+    ``minmax`` (our default) takes the range over every recorded call. QNN's own default,
+    ``moving_average`` (MovingAverageMinMaxObserver, constant 0.01), barely moves after the first
+    call, and a recorded stream starts with the noisiest step (t = 1, empty cache), so later steps
+    get clipped. ``histogram`` picks the range that minimizes the quantization error (slower).
+    """
+    from torchao.quantization.pt2e.observer import (
+        HistogramObserver,
+        MinMaxObserver,
+        MovingAverageMinMaxObserver,
+    )
+
+    table = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
+             "histogram": HistogramObserver}
+    if name not in table:
+        raise ValueError(f"unknown act_observer {name!r}; choose from {', '.join(ACT_OBSERVERS)}")
+    return table[name]
+
+
+def make_quantizer(precision: str, soc: str, plan: Any = None, stage: Any = None, act_observer: str = "minmax"):
     """QnnQuantizer for a precision preset, or translated from a QuantPlan by the quant package."""
+    observer = act_observer_class(act_observer)
     if plan is not None:
         from s2dit_deploy.quant import qnn as quant_qnn
 
-        return quant_qnn.apply_plan(plan, stage=stage, soc=soc)
+        return quant_qnn.apply_plan(plan, stage=stage, soc=soc, act_observer=observer)
     from executorch.backends.qualcomm.quantizer.quantizer import (
         QnnQuantizer,
         QuantDtype,
@@ -128,7 +153,8 @@ def make_quantizer(precision: str, soc: str, plan: Any = None, stage: Any = None
 
     quantizer = QnnQuantizer(soc_model=resolve_soc(soc))
     quantizer.set_default_quant_config(getattr(QuantDtype, PRECISIONS[precision]),
-                                       is_conv_per_channel=True, is_linear_per_channel=True)
+                                       is_conv_per_channel=True, is_linear_per_channel=True,
+                                       act_observer=observer)
     return quantizer
 
 
@@ -186,7 +212,7 @@ def partition_report(edge_manager, partitioner_log: list[str], native: list[str]
 
 def lower(module: torch.nn.Module, example: tuple, input_names: list[str], soc: str, precision: str = "fp16",
           plan: Any = None, calibration: Sequence[tuple] | None = None, profile: bool = False,
-          stage: Any = None) -> Lowered:
+          stage: Any = None, act_observer: str = "minmax") -> Lowered:
     """Rewrite, (quantize,) partition to QNN and serialize a ``.pte``."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown QNN precision {precision!r}; choose from {', '.join(PRECISIONS)}")
@@ -204,8 +230,9 @@ def lower(module: torch.nn.Module, example: tuple, input_names: list[str], soc: 
     if precision != "fp16" or plan is not None:
         if not calibration:
             raise ValueError("quantized QNN compile needs calibration inputs (recorded stage inputs)")
-        module = quantize(module, example, calibration, make_quantizer(precision, soc, plan, stage))
+        module = quantize(module, example, calibration, make_quantizer(precision, soc, plan, stage, act_observer))
         quant.update({"scheme": "pt2e-qnn", "per_channel": True, "calibration_samples": len(calibration),
+                      "act_observer": act_observer,
                       "plan": getattr(plan, "name", None) if plan is not None else None})
         if plan is not None:
             from s2dit_deploy.quant import qnn as quant_qnn

@@ -9,6 +9,8 @@ Options (``sd.compile(..., target="executorch-qnn", soc="SM8750", precision="fp1
 - ``calibration``: ``{stage: [named inputs, ...]}`` or ``pipeline``: a float Pipeline whose
   streaming run is recorded (``validate.record_inputs``) to calibrate quantized stages.
 - ``profile``: compile with QNN detailed profiling so the runner can report emulator cycles.
+- ``act_observer``: ``minmax`` (default), ``moving_average`` (QNN's default) or ``histogram``
+  (see ``lower.act_observer_class``).
 
 ``load`` runs the ``.pte`` through ``executorch.runtime`` on this x86 machine; the QNN HTP library
 emulates the NPU (numerics are HTP's, timings are not a phone's).
@@ -29,7 +31,7 @@ from s2dit_deploy.stages import Stage
 
 from .calibration import calibration_args
 from .libs import ensure_qnn
-from .lower import PRECISIONS, htp_arch, lower, resolve_soc
+from .lower import ACT_OBSERVERS, PRECISIONS, htp_arch, lower, resolve_soc
 from .rewrite import apply_host_inputs
 
 log = logging.getLogger(__name__)
@@ -88,8 +90,12 @@ class QnnTarget:
         calib = None
         if plan is not None or precision != "fp16":
             calib = calibration_args(stage, options)
+        observer = str(options.get("act_observer") or "minmax")
+        if observer not in ACT_OBSERVERS:
+            raise ValueError(f"unknown act_observer {observer!r}; choose from {', '.join(ACT_OBSERVERS)}")
         t0 = time.perf_counter()
-        low = lower(stage.module, stage.example_inputs, stage.input_names, soc, precision, plan, calib, profile, stage)
+        low = lower(stage.module, stage.example_inputs, stage.input_names, soc, precision, plan, calib, profile, stage,
+                    observer)
         seconds = time.perf_counter() - t0
         rel = f"{stage.name}.{soc.lower()}.pte"
         (Path(out_dir) / rel).write_bytes(low.program)

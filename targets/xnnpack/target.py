@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 NAME = "executorch-xnnpack"
 OPTIONS = ("xnnpack_quant", "calibration", "calibration_batches", "etrecord", "pipeline")
 DEFAULT_CALIBRATION_BATCHES = 16
-CALIBRATION_PROMPTS = ("a red circle bouncing left on a black background",
+# disjoint from the validation prompt (s2dit_deploy.fidelity.DEFAULT_PROMPT)
+CALIBRATION_PROMPTS = ("a red ball bouncing on a blue background",
                        "a blue square sliding across a white floor")
 
 
