@@ -44,6 +44,10 @@ class XnnpackRunner:
     def __init__(self, pte: Path, contract: dict[str, Any]):
         from executorch.runtime import Runtime
 
+        # quantize/dequantize nodes left outside the XNNPACK delegate (static int8 graphs) run on
+        # the quantized kernel library; without it loading fails with OperatorMissing (0x14)
+        import executorch.kernels.quantized  # noqa: F401
+
         self.pte = Path(pte)
         self.contract = contract
         self.inputs = list(contract["inputs"])
