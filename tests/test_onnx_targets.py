@@ -81,15 +81,21 @@ def qnn_ep():
     pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn (QNN EP) is not installed")
 
 
-def test_onnx_qnn_qdq_decoder_under_emulation(tiny, tmp_path, qnn_ep):
-    _, stages, calls = tiny
+def _compile_on_htp(stages, calls, tmp_path, stage: str, samples: int):
+    """An onnx-qnn artifact for SM8750 that must be one whole HTP graph, and its runner."""
     target = get_target("onnx-qnn")
-    art = target.compile(stages["decoder"], None, tmp_path,
-                         {"soc": "SM8750", "calibration": calls, "calibration_samples": 2})
+    art = target.compile(stages[stage], None, tmp_path,
+                         {"soc": "SM8750", "calibration": calls, "calibration_samples": samples})
     part = art.metadata["partition"]
     assert part["delegated_fraction"] == 1.0 and part["fallbacks"] == [], part
+    return art, target.load(art, tmp_path)
+
+
+def test_onnx_qnn_qdq_decoder_under_emulation(tiny, tmp_path, qnn_ep):
+    _, stages, calls = tiny
+    art, runner = _compile_on_htp(stages, calls, tmp_path, "decoder", 2)
     assert art.files[0].endswith(".ctx.onnx") and art.metadata["soc_model"] == 69
-    fid = _fidelity(stages["decoder"], target.load(art, tmp_path), calls["decoder"], n=1)
+    fid = _fidelity(stages["decoder"], runner, calls["decoder"], n=1)
     assert fid["video"] >= 25.0, fid
 
 
@@ -105,12 +111,8 @@ def test_onnx_qnn_errors(tiny, tmp_path, qnn_ep):
 def test_onnx_qnn_dit_step_whole_graph_on_htp(tiny, tmp_path, qnn_ep):
     """The DiT step with the QNN rewrites (host timestep features, explicit attention, conv taps)."""
     _, stages, calls = tiny
-    target = get_target("onnx-qnn")
-    art = target.compile(stages["dit_step"], None, tmp_path,
-                         {"soc": "SM8750", "calibration": calls, "calibration_samples": 6})
-    part = art.metadata["partition"]
-    assert part["delegated_fraction"] == 1.0 and part["fallbacks"] == [], part
+    art, runner = _compile_on_htp(stages, calls, tmp_path, "dit_step", 6)
     assert art.metadata["host_inputs"]["t"]["kind"] == "timestep_features"
     assert "Einsum" not in art.metadata["graph"]["ops"]
-    fid = _fidelity(stages["dit_step"], target.load(art, tmp_path), calls["dit_step"][4:], n=2)
+    fid = _fidelity(stages["dit_step"], runner, calls["dit_step"][4:], n=2)
     assert fid["velocity"] >= 30.0, fid
