@@ -22,8 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .qnn import _norm, layer_of
-from .schemes import act_scheme, weight_scheme
+from .qnn import _norm, layer_of, layer_pairs
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +62,13 @@ def weight_nodes(model) -> list[tuple[Any, str, str, int]]:
     return out
 
 
-def _pairs(plan, stage_name: str) -> dict[str, tuple[int, int]]:
-    layers = plan.stages.get(stage_name, {})
-    if not layers:
-        raise ValueError(f"plan {plan.name!r} has no layers for stage {stage_name!r}")
-    out = {}
-    for name, lq in layers.items():
-        ws, a = weight_scheme(lq.weight), act_scheme(lq.act)
-        if ws.kind != "linear" or ws.granularity != "channel":
-            raise ValueError(f"{stage_name}:{name}: ONNX QDQ here takes per-channel int8/int4 weights, "
-                             f"not {lq.weight!r}")
-        if a.dynamic:
-            raise ValueError(f"{stage_name}:{name}: ONNX QDQ needs static activations, not {lq.act!r}")
-        out[name] = (a.bits, ws.bits)
-    return out
-
-
 def apply_plan(plan, stage: Any = None, model_path: str | Path | None = None) -> dict[str, Any]:
     """``get_qnn_qdq_config`` keyword arguments that quantize ``model_path`` as ``plan`` says."""
     import onnx
     from onnxruntime.quantization import QuantType
 
     stage_name = getattr(stage, "name", stage)
-    pairs = _pairs(plan, stage_name)
+    pairs = layer_pairs(plan, stage_name, allow_float_act=True)
     act_default = Counter(a for a, _ in pairs.values() if a).most_common(1)
     act_bits = act_default[0][0] if act_default else 8
     act_type = {8: QuantType.QUInt8, 16: QuantType.QUInt16}
@@ -105,10 +88,10 @@ def apply_plan(plan, stage: Any = None, model_path: str | Path | None = None) ->
         if not a:  # float activations: ONNX QDQ has no weight-only form for the QNN EP; keep it float
             excluded.append(node.name)
             continue
-        counts[f"{a or 'f'}a{w}w"] += 1
+        counts[f"{a}a{w}w"] += 1
         if w != 8:
             overrides[weight] = [{"quant_type": weight_type[w], "symmetric": True, "axis": axis}]
-        if a and a != act_bits and node.input[0] not in overrides:
+        if a != act_bits and node.input[0] not in overrides:
             overrides[node.input[0]] = [{"quant_type": act_type[a]}]
     missing = sorted(set(pairs) - matched)
     if missing:

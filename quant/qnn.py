@@ -35,13 +35,14 @@ log = logging.getLogger(__name__)
 _DTYPES = {(8, 8): "use_8a8w", (8, 4): "use_8a4w", (16, 8): "use_16a8w", (16, 4): "use_16a4w"}
 
 
-def bit_pair(weight: str, act: str) -> tuple[int, int]:
-    """(activation bits, weight bits) of a plan layer, as QNN's QuantDtype names them."""
+def bit_pair(weight: str, act: str, allow_float_act: bool = False) -> tuple[int, int]:
+    """(activation bits, weight bits) of a plan layer, as QNN's QuantDtype names them (0 bits:
+    float activations, which only ``allow_float_act`` callers such as ONNX QDQ on CPU accept)."""
     ws, a = weight_scheme(weight), act_scheme(act)
     if ws.kind != "linear" or ws.granularity != "channel":
-        raise ValueError(f"executorch-qnn runs per-channel int8/int4 weights, not {weight!r}")
-    if a.is_float or a.dynamic:
-        raise ValueError(f"executorch-qnn needs static int8/int16 activations, not {act!r}")
+        raise ValueError(f"QNN / ONNX QDQ take per-channel int8/int4 weights, not {weight!r}")
+    if a.dynamic or (a.is_float and not allow_float_act):
+        raise ValueError(f"QNN / ONNX QDQ need static int8/int16 activations, not {act!r}")
     return a.bits, ws.bits
 
 
@@ -68,14 +69,20 @@ def layer_of(path: str | None, layers_by_norm: Mapping[str, str]) -> str | None:
     return None
 
 
-def layer_pairs(plan, stage_name: str) -> dict[str, tuple[int, int]]:
+def layer_pairs(plan, stage_name: str, allow_float_act: bool = False) -> dict[str, tuple[int, int]]:
     layers = plan.stages.get(stage_name, {})
     if not layers:
         raise ValueError(f"plan {plan.name!r} has no layers for stage {stage_name!r}")
     mse = [n for n, lq in layers.items() if weight_scheme(lq.weight).range_method == "mse"]
     if mse:
-        log.info("qnn %s: %d -mse weight schemes use QNN's min-max per-channel observer", stage_name, len(mse))
-    return {name: bit_pair(lq.weight, lq.act) for name, lq in layers.items()}
+        log.info("%s: %d -mse weight schemes use the min-max per-channel observer", stage_name, len(mse))
+    pairs = {}
+    for name, lq in layers.items():
+        try:
+            pairs[name] = bit_pair(lq.weight, lq.act, allow_float_act)
+        except ValueError as exc:
+            raise ValueError(f"{stage_name}:{name}: {exc}") from exc
+    return pairs
 
 
 def apply_plan(plan, stage: Any = None, soc: str = "SM8750", act_observer=None):

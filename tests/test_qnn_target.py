@@ -86,6 +86,8 @@ def test_unknown_soc_and_precision_are_clear(qnn, toy, tmp_path):
         qnn.compile(toy, None, tmp_path, {"precision": "3a3w"})
     with pytest.raises(ValueError, match="calibration"):
         qnn.compile(toy, None, tmp_path, {"precision": "8a8w"})
+    with pytest.raises(ValueError, match="act_observer"):
+        qnn.compile(toy, None, tmp_path, {"precision": "8a8w", "act_observer": "median"})
 
 
 def _psnr(runner, stage, xs):

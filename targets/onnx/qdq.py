@@ -43,7 +43,7 @@ def layer_norm_overrides(model_path: Path) -> dict[str, list[dict[str, Any]]]:
 
 def quantize_qdq(float_model: Path, out: Path, samples: list[dict[str, np.ndarray]], precision: str,
                  plan: Any = None, stage: Stage | None = None) -> dict[str, Any]:
-    """Static QDQ quantization for the QNN EP; returns the quantization summary."""
+    """Static QDQ quantization (QNN EP conventions, also run by the CPU EP); returns the summary."""
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 

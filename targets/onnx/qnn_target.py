@@ -1,7 +1,8 @@
 """``onnx-qnn`` target: QDQ ONNX models compiled to QNN context binaries (EPContext) for one SoC.
 
 Per stage: the QNN rewrites of ``targets/qnn/rewrite.py`` (depthwise Conv3d as conv2d taps,
-rank-5 unpatchify, explicit attention, host timestep features) -> export (opset 20, static) -> ``qnn_preprocess_model`` (LayerNorm fusion) -> static QDQ
+rank-5 unpatchify, explicit attention, host timestep features) -> export (opset 20, static) ->
+``qnn_preprocess_model`` (LayerNorm fusion) -> node-owned biases (``clean_biases``) -> static QDQ
 quantization calibrated on recorded real stage inputs (``get_qnn_qdq_config``) -> a session on the
 QNN EP with ``soc_model``/``htp_arch`` and no CPU fallback dumps the EPContext model (the context
 binary embedded). The bundle keeps both: ``<stage>.<soc>.ctx.onnx`` (what an app with ONNX Runtime
@@ -63,55 +64,59 @@ def sqrt_to_pow(path: Path) -> int:
     return len(nodes)
 
 
-def clean_biases(path: Path) -> int:
-    """Lift Constant / Identity-of-initializer nodes to initializers, drop all-zero Conv / LayerNorm biases and give every other
-    Conv / Gemm bias its own initializer, in place (same numbers); returns how many changed.
+def _lift(model, tensor, name: str) -> None:
+    """Add a copy of ``tensor`` as initializer ``name``."""
+    import onnx
 
-    ONNX Runtime's QNN QDQ config quantizes an all-zero bias (freshly initialised layers, e.g. the
-    sandwich's downsampler) like an activation, with a run-time QuantizeLinear on a float
-    initializer; the QNN EP then rejects the weight's DequantizeLinear and the whole Conv falls
-    out of the HTP graph. Shared biases (the exporter merges equal initializers) get one copy
-    per node so each can take its node's input x weight scale.
+    lifted = onnx.TensorProto()
+    lifted.CopyFrom(tensor)
+    lifted.name = name
+    model.graph.initializer.append(lifted)
+
+
+def clean_biases(path: Path) -> int:
+    """Make every Conv / Gemm / LayerNorm bias a node-owned initializer, in place (same numbers);
+    returns how many nodes changed.
+
+    ONNX Runtime's QNN QDQ config quantizes a bias that is not an initializer of its own (the
+    exporter writes zeros as Constant nodes and equal tensors as Identity nodes of one initializer)
+    like an activation, with a run-time QuantizeLinear; the QNN EP then rejects the weight's
+    DequantizeLinear and the whole Conv falls out of the HTP graph. So: Constant and
+    Identity-of-initializer nodes become initializers, all-zero Conv / LayerNorm biases are dropped
+    (both ops default to no bias) and shared biases get one copy per node.
     """
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
     changed = 0
-    for node in list(model.graph.node):  # the exporter writes some constants (zeros) as Constant nodes
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(node.attribute[0].t)
-            tensor.name = node.output[0]
-            model.graph.initializer.append(tensor)
-            model.graph.node.remove(node)
-            changed += 1
     inits = {i.name: i for i in model.graph.initializer}
-    for node in list(model.graph.node):  # ... and equal initializers as Identity nodes of one of them
-        if node.op_type == "Identity" and node.input[0] in inits:
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(inits[node.input[0]])
-            tensor.name = node.output[0]
-            model.graph.initializer.append(tensor)
-            inits[tensor.name] = tensor
-            model.graph.node.remove(node)
-            changed += 1
+    for node in list(model.graph.node):
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            source = node.attribute[0].t
+        elif node.op_type == "Identity" and node.input[0] in inits:
+            source = inits[node.input[0]]
+        else:
+            continue
+        _lift(model, source, node.output[0])
+        inits[node.output[0]] = model.graph.initializer[-1]
+        model.graph.node.remove(node)
+        changed += 1
     uses = Counter(name for n in model.graph.node for name in n.input)
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm", "ConvTranspose", "LayerNormalization") or len(node.input) < 3 \
                 or node.input[2] not in inits:
             continue
         bias = node.input[2]
-        value = numpy_helper.to_array(inits[bias])
-        if node.op_type in ("Conv", "LayerNormalization") and not np.any(value):
+        if node.op_type in ("Conv", "LayerNormalization") and not np.any(numpy_helper.to_array(inits[bias])):
             del node.input[2]
-            changed += 1
         elif uses[bias] > 1:
-            name = f"{bias}__{node.name or changed}"
-            model.graph.initializer.append(numpy_helper.from_array(value, name))
             uses[bias] -= 1
-            node.input[2] = name
-            changed += 1
+            node.input[2] = f"{bias}__{node.name or changed}"
+            _lift(model, inits[bias], node.input[2])
+        else:
+            continue
+        changed += 1
     if changed:
         onnx.save(model, str(path))
     return changed

@@ -31,7 +31,7 @@ from s2dit_deploy.stages import Stage
 
 from .calibration import calibration_args
 from .libs import ensure_qnn
-from .lower import ACT_OBSERVERS, PRECISIONS, htp_arch, lower, resolve_soc
+from .lower import PRECISIONS, act_observer_class, htp_arch, lower, resolve_soc
 from .rewrite import apply_host_inputs
 
 log = logging.getLogger(__name__)
@@ -86,13 +86,12 @@ class QnnTarget:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r} for executorch-qnn; "
                              f"choose from {', '.join(PRECISIONS)}")
+        observer = str(options.get("act_observer") or "minmax")
+        act_observer_class(observer)  # an unknown name fails before calibration and lowering
         profile = bool(options.get("profile", False))
         calib = None
         if plan is not None or precision != "fp16":
             calib = calibration_args(stage, options)
-        observer = str(options.get("act_observer") or "minmax")
-        if observer not in ACT_OBSERVERS:
-            raise ValueError(f"unknown act_observer {observer!r}; choose from {', '.join(ACT_OBSERVERS)}")
         t0 = time.perf_counter()
         low = lower(stage.module, stage.example_inputs, stage.input_names, soc, precision, plan, calib, profile, stage,
                     observer)
