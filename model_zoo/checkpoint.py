@@ -7,6 +7,7 @@ what to do; nothing is half-loaded. Saving writes a temporary sibling folder and
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -16,11 +17,12 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from .config import ModelConfig
+from ..errors import InputError
+from .config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,40 +30,99 @@ CONFIG_FILE = "config.json"
 STAGE_FILES = {"dit": "dit.safetensors", "text_encoder": "text_encoder.safetensors", "decoder": "decoder.safetensors"}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint folder is missing, corrupt, or does not match its config."""
+class CheckpointError(InputError):
+    """A checkpoint folder is missing, corrupt, or does not match its config (CLI exit 3)."""
+
+
+_DIGEST_BLOCK = 1 << 20
+
+
+def checkpoint_digest(folder: str | os.PathLike) -> str:
+    """sha256 over config.json and each stage safetensors file present (name + bytes, sorted).
+
+    This is the identity a bundle records instead of an absolute path: it names the exact weights
+    without leaking where they lived, and survives the folder being moved or renamed.
+    """
+    folder = Path(folder)
+    names = sorted(n for n in (CONFIG_FILE, *STAGE_FILES.values()) if (folder / n).is_file())
+    if CONFIG_FILE not in names:
+        raise CheckpointError(f"{folder / CONFIG_FILE} is missing: cannot fingerprint a checkpoint without it")
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode() + b"\0")
+        with open(folder / name, "rb") as fh:
+            for block in iter(lambda: fh.read(_DIGEST_BLOCK), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _aside(folder: Path) -> Path:
+    """Where a save parks the previous version of ``folder`` while the new one is renamed in."""
+    return folder.parent / f".{folder.name}.old"
+
+
+def recover_folder(folder: str | os.PathLike) -> Path:
+    """Undo a save that died between its two renames: put the moved-aside copy back.
+
+    A save moves the old folder to ``.NAME.old``, renames the new one in, then deletes the old. If
+    the process died after the first rename, ``folder`` is missing and ``.NAME.old`` is complete.
+    """
+    folder = Path(folder)
+    aside = _aside(folder)
+    if aside.is_dir() and not folder.exists():
+        log.warning("%s: an interrupted save left the previous version at %s; restoring it", folder, aside)
+        try:
+            os.replace(aside, folder)
+        except OSError as exc:
+            raise CheckpointError(f"{folder} is missing after an interrupted save; its previous version is at "
+                                  f"{aside}: rename it back to {folder.name} ({exc})") from exc
+    return folder
 
 
 def read_config(folder: str | os.PathLike) -> ModelConfig:
-    folder = Path(folder)
+    """Parse and validate config.json before anything is built (every field is type- and range-checked)."""
+    folder = recover_folder(folder)
     path = folder / CONFIG_FILE
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: a checkpoint folder needs {CONFIG_FILE} next to its weights")
     try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ValueError) as exc:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a valid model config: not JSON ({exc})") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc})") from exc
+    try:
+        return ModelConfig.from_dict(data)
+    except ConfigError as exc:
         raise CheckpointError(f"{path} is not a valid model config: {exc}") from exc
 
 
-def load_state(folder: str | os.PathLike, stage: str, module: nn.Module) -> None:
-    """Fill ``module`` from ``folder/<stage>.safetensors`` after checking names, shapes and values."""
-    path = Path(folder) / STAGE_FILES[stage]
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_INT_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+               "BOOL": torch.bool}
+
+
+def check_headers(folder: str | os.PathLike, stage: str, expected: dict[str, torch.Tensor]) -> Path:
+    """Compare names, shapes and dtypes in the safetensors header with ``expected`` (no tensor is read).
+
+    ``expected`` may come from a module built on the meta device, so a config whose implied shapes
+    disagree with the weights fails before any memory is allocated.
+    """
+    path = recover_folder(folder) / STAGE_FILES[stage]
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; expected files: {', '.join(STAGE_FILES.values())}")
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+        with safe_open(str(path), framework="pt") as fh:
+            headers = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-export or re-download it") from exc
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
+    missing = sorted(set(expected) - set(headers))
+    unexpected = sorted(set(headers) - set(expected))
+    wrong = [f"{k}: file {headers[k][0]} vs config {tuple(v.shape)}"
+             for k, v in expected.items() if k in headers and headers[k][0] != tuple(v.shape)]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -74,27 +135,69 @@ def load_state(folder: str | os.PathLike, stage: str, module: nn.Module) -> None
             f"{path} does not match its config.json: " + "; ".join(parts)
             + ". The weights belong to a different model size or layout."
         )
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{path} holds NaN/inf values in {bad[:3]}; the checkpoint is corrupt")
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    for k, v in expected.items():
+        dtype = headers[k][1]
+        if v.is_floating_point():
+            if dtype not in _FLOAT_DTYPES:
+                kind = "integer/bool" if dtype in _INT_DTYPES else "unsupported"
+                raise CheckpointError(
+                    f"{path}: tensor {k!r} is stored as {dtype} ({kind}), but it is a floating-point parameter; "
+                    f"supported dtypes are {', '.join(_FLOAT_DTYPES)}. Re-export the weights as float."
+                )
+        elif _INT_DTYPES.get(dtype) != v.dtype:
+            raise CheckpointError(f"{path}: tensor {k!r} is stored as {dtype}, expected {v.dtype}; re-export it")
+    return path
+
+
+def load_state(folder: str | os.PathLike, stage: str, module: nn.Module) -> None:
+    """Fill ``module`` from ``folder/<stage>.safetensors`` after checking names, shapes, dtypes and values.
+
+    Values are checked for NaN/inf after the cast to the module's dtype: f64 weights beyond the
+    fp32 range would otherwise load as inf and render a black video.
+    """
+    expected = module.state_dict()
+    path = check_headers(folder, stage, expected)
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for k in fh.keys():
+                value = fh.get_tensor(k).to(expected[k].dtype)
+                if value.is_floating_point() and not torch.isfinite(value).all():
+                    raise CheckpointError(
+                        f"{path} holds NaN/inf values in {k!r} (as {expected[k].dtype}); the checkpoint is "
+                        "corrupt or its values overflow the model dtype"
+                    )
+                state[k] = value
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-export or re-download it") from exc
+    module.load_state_dict(state)
 
 
 @contextlib.contextmanager
 def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
-    """Yield a hidden sibling temp folder; on success it replaces ``folder``, on failure it vanishes."""
+    """Yield a hidden sibling temp folder; on success it replaces ``folder``, on failure it vanishes.
+
+    The old folder is moved aside (``.NAME.old``) before the new one is renamed in and deleted only
+    after, so a crash at any point leaves a complete copy (``recover_folder`` puts it back).
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    recover_folder(folder)
+    aside = _aside(folder)
+    if aside.exists():  # a previous save finished its renames but died before cleaning up
+        shutil.rmtree(aside)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial.", dir=folder.parent))
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp creates 0700; checkpoints are meant to be shared
         if folder.exists():
-            shutil.rmtree(folder)
+            os.replace(folder, aside)
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover_folder(folder)
         raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def save_checkpoint(folder: str | os.PathLike, config: ModelConfig, modules: dict[str, nn.Module],

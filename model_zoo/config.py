@@ -7,8 +7,11 @@ folder's ``config.json`` fully describes the modules that its safetensors files 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from ..errors import InputError
 
 # Wan2.1 latent interface: 16 channels, 4x temporal and 8x8 spatial compression.
 LATENT_CHANNELS = 16
@@ -21,22 +24,103 @@ LAYOUT_CHARS = {
     "F": "full softmax attention at high resolution (dense baseline / teacher, not in Algorithm 1)",
 }
 
+# Sanity bounds, checked before anything is built: a typo (``ffn_dim: 1e6``, a pasted 100,000-char
+# layout) must fail in milliseconds, not allocate gigabytes. Paper scale is 14 groups, width 7168.
+MAX_LAYOUT_GROUPS = 64
+MAX_WIDTH = 65536  # any hidden / channel / ffn size
+MAX_COUNT = 1 << 20  # vocab size, positions, layers, frames, strides: anything else countable
+MAX_RESOLUTION = 8192  # output pixels per side
+
 T = TypeVar("T")
 
 
+class ConfigError(InputError):
+    """A model config (config.json or one built in Python) has a wrong type or value; names the field."""
+
+
+def _type_name(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_int(where: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "a positive integer" if low >= 1 else f"an integer >= {low}"
+        raise ConfigError(f"{where} must be {kind}, got {_type_name(value)}")
+    if not low <= value <= high:
+        raise ConfigError(f"{where} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _check_field(where: str, annotation: str, value: Any, low: int, high: int) -> Any:
+    """Check one value against its (string) annotation; lists become tuples."""
+    if annotation == "int":
+        return _check_int(where, value, low, high)
+    if annotation == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{where} must be a positive finite number, got {_type_name(value)}")
+        return float(value)
+    if annotation == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {_type_name(value)}")
+        return value
+    if annotation == "str":
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where} must be a non-empty string, got {_type_name(value)}")
+        return value
+    if annotation.startswith("tuple[int"):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list of integers, got {_type_name(value)}")
+        size = None if annotation.endswith("...]") else annotation.count("int")
+        if size is not None and len(value) != size:
+            raise ConfigError(f"{where} must have {size} entries, got {len(value)}")
+        if len(value) > 64:
+            raise ConfigError(f"{where} has {len(value)} entries; at most 64 are allowed")
+        return tuple(_check_int(f"{where}[{i}]", v, low, high) for i, v in enumerate(value))
+    raise TypeError(f"no validator for annotation {annotation!r} of {where}")  # a bug, not an input
+
+
 class JsonConfig:
-    """to_dict / from_dict for flat frozen config dataclasses (lists come back as tuples)."""
+    """to_dict / from_dict plus type checks for flat frozen config dataclasses.
+
+    ``_section`` prefixes field names in messages (``dit.dim``); ``_bounds`` overrides the default
+    [1, MAX_COUNT] range of an int field. Checks run in ``__post_init__`` so configs built in Python
+    obey the same rules as config.json; lists given for tuple fields are stored as tuples.
+    """
+
+    _section = ""
+    _bounds: dict[str, tuple[int, int]] = {}
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            low, high = self._bounds.get(f.name, (1, MAX_COUNT))
+            value = _check_field(f"{self._section}.{f.name}", str(f.type), getattr(self, f.name), low, high)
+            object.__setattr__(self, f.name, value)
+
+    def __post_init__(self) -> None:
+        self._check_types()
+
+    def _fail(self, message: str) -> None:
+        raise ConfigError(f"{self._section}: {message}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod
-    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    def from_dict(cls: type[T], data: Any) -> T:
+        section = cls._section  # type: ignore[attr-defined]
+        if not isinstance(data, dict):
+            raise ConfigError(f"{section} must be a JSON object, got {type(data).__name__}")
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        names = {f.name for f in fields}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+            raise ConfigError(f"{section}: unknown config keys {sorted(unknown)}")
+        required = [f.name for f in fields if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+        missing = [n for n in required if n not in data]
+        if missing:
+            raise ConfigError(f"{section}: missing required keys {missing}")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -65,25 +149,31 @@ class DiTConfig(JsonConfig):
     linear_attn_eps: float = 1e-4
     search: bool = False
 
+    _section = "dit"
+    _bounds = {"dim": (1, MAX_WIDTH), "ffn_dim": (1, MAX_WIDTH), "text_dim": (1, MAX_WIDTH),
+               "latent_channels": (1, MAX_WIDTH), "freq_dim": (1, MAX_WIDTH), "num_heads": (1, MAX_WIDTH),
+               "blocks_per_group": (1, 64), "ssa_stride": (1, 64), "patch_size": (1, 64), "conv_kernel": (1, 63)}
+
     def __post_init__(self) -> None:
+        if isinstance(self.layout, str) and len(self.layout) > MAX_LAYOUT_GROUPS:  # before anything else
+            self._fail(f"layout has {len(self.layout)} groups; at most MAX_LAYOUT_GROUPS = {MAX_LAYOUT_GROUPS}")
+        self._check_types()
         if self.dim % self.num_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+            self._fail(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+            self._fail(f"head_dim={self.head_dim} (dim / num_heads) must be even for RoPE")
         bad = sorted(set(self.layout) - set(LAYOUT_CHARS))
-        if not self.layout or bad:
-            raise ValueError(
-                f"layout {self.layout!r} has unknown group types {bad}; use {sorted(LAYOUT_CHARS)}"
-            )
+        if bad:
+            self._fail(f"layout {self.layout!r} has unknown group types {bad}; use {sorted(LAYOUT_CHARS)}")
         if self.layout[0] == "S" or self.layout[-1] == "S":
-            raise ValueError(
+            self._fail(
                 f"layout {self.layout!r}: Algorithm 1 fixes m_1 = m_M = 1, so the first and last "
                 "groups must be high resolution (L or F)"
             )
         if self.search and "F" in self.layout:
-            raise ValueError("search mode routes between L and S only; remove F from the layout")
-        if self.conv_kernel[0] < 1 or any(k % 2 == 0 for k in self.conv_kernel[1:]):
-            raise ValueError(f"conv_kernel {self.conv_kernel}: spatial sizes must be odd")
+            self._fail("search mode routes between L and S only; remove F from the layout")
+        if any(k % 2 == 0 for k in self.conv_kernel[1:]):
+            self._fail(f"conv_kernel {self.conv_kernel}: spatial sizes must be odd")
 
     @property
     def head_dim(self) -> int:
@@ -130,6 +220,17 @@ class TextEncoderConfig(JsonConfig):
     vocab_size: int = 49408
     projection_dim: int = 768
 
+    _section = "text_encoder"
+    _bounds = {"hidden_size": (1, MAX_WIDTH), "intermediate_size": (1, MAX_WIDTH),
+               "projection_dim": (1, MAX_WIDTH), "num_hidden_layers": (1, 256),
+               "num_attention_heads": (1, MAX_WIDTH), "max_position_embeddings": (1, 4096)}
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if self.hidden_size % self.num_attention_heads:
+            self._fail(f"hidden_size={self.hidden_size} is not divisible by "
+                       f"num_attention_heads={self.num_attention_heads}")
+
 
 @dataclass(frozen=True)
 class DecoderConfig(JsonConfig):
@@ -147,14 +248,19 @@ class DecoderConfig(JsonConfig):
     groups: int = 8
     out_channels: int = 3
 
+    _section = "decoder"
+    _bounds = {"latent_channels": (1, MAX_WIDTH), "channels": (1, MAX_WIDTH), "blocks_per_stage": (1, 64),
+               "temporal_up_at": (0, 2), "groups": (1, MAX_WIDTH), "out_channels": (1, 64)}
+
     def __post_init__(self) -> None:
+        self._check_types()
         if len(self.channels) != 4:
-            raise ValueError("DecoderConfig.channels needs 4 entries (3 spatial 2x upsamples = 8x)")
-        if len(self.temporal_up_at) != 2 or any(i >= 3 for i in self.temporal_up_at):
-            raise ValueError("DecoderConfig.temporal_up_at needs 2 stage indices in [0, 2] (4x time)")
+            self._fail("channels needs 4 entries (3 spatial 2x upsamples = 8x)")
+        if len(self.temporal_up_at) != 2:
+            self._fail("temporal_up_at needs 2 stage indices in [0, 2] (4x time)")
         for c in self.channels:
             if c % self.groups:
-                raise ValueError(f"decoder width {c} not divisible by GroupNorm groups {self.groups}")
+                self._fail(f"decoder width {c} not divisible by GroupNorm groups {self.groups}")
 
 
 @dataclass(frozen=True)
@@ -163,6 +269,9 @@ class StreamConfig(JsonConfig):
 
     chunk_frames: int = 3
     window_chunks: int = 2
+
+    _section = "stream"
+    _bounds = {"chunk_frames": (1, 1024), "window_chunks": (1, 1024)}
 
 
 @dataclass(frozen=True)
@@ -179,10 +288,32 @@ class ModelConfig:
     fps: int = 16
     steps: int = 4
 
+    def __post_init__(self) -> None:
+        for name, kind in (("dit", DiTConfig), ("text_encoder", TextEncoderConfig),
+                           ("decoder", DecoderConfig), ("stream", StreamConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+        _check_field("name", "str", self.name, 1, 1)
+        _check_int("fps", self.fps, 1, 1000)
+        from .sampler import SUPPORTED_STEPS  # the sampler owns which step counts exist
+
+        if isinstance(self.steps, bool) or self.steps not in SUPPORTED_STEPS:
+            raise ConfigError(f"steps must be one of {list(SUPPORTED_STEPS)} (the few-step schedules the "
+                              f"sampler supports), got {_type_name(self.steps)}")
+        _, ph, pw = self.dit.patch_size
+        for name, patch in (("height", ph), ("width", pw)):
+            multiple = VAE_SPATIAL_FACTOR * patch * self.dit.ssa_stride
+            value = _check_int(name, getattr(self, name), 1, MAX_RESOLUTION)
+            if value % multiple:
+                raise ConfigError(
+                    f"{name}={value} must be divisible by {multiple} (VAE factor {VAE_SPATIAL_FACTOR} x patch "
+                    f"{patch} x SSA stride {self.dit.ssa_stride}); try {max(multiple, value // multiple * multiple)}"
+                )
+
     @property
     def latent_hw(self) -> tuple[int, int]:
         if self.height % VAE_SPATIAL_FACTOR or self.width % VAE_SPATIAL_FACTOR:
-            raise ValueError(f"{self.width}x{self.height} is not a multiple of {VAE_SPATIAL_FACTOR}")
+            raise ValueError(f"{self.height}x{self.width} (HxW) is not a multiple of {VAE_SPATIAL_FACTOR}")
         return self.height // VAE_SPATIAL_FACTOR, self.width // VAE_SPATIAL_FACTOR
 
     @property
@@ -208,16 +339,22 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: Any) -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"the document must be a JSON object with keys name, dit, text_encoder, "
+                              f"decoder, got {'null' if data is None else type(data).__name__}")
         data = dict(data)
-        try:
-            return cls(
-                name=data.pop("name"),
-                dit=DiTConfig.from_dict(data.pop("dit")),
-                text_encoder=TextEncoderConfig.from_dict(data.pop("text_encoder")),
-                decoder=DecoderConfig.from_dict(data.pop("decoder")),
-                stream=StreamConfig.from_dict(data.pop("stream", {})),
-                **data,
-            )
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"config.json is not a valid S2DiT model config: {exc}") from exc
+        missing = [k for k in ("name", "dit", "text_encoder", "decoder") if k not in data]
+        if missing:
+            raise ConfigError(f"missing required keys {missing}")
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}")
+        return cls(
+            name=data.pop("name"),
+            dit=DiTConfig.from_dict(data.pop("dit")),
+            text_encoder=TextEncoderConfig.from_dict(data.pop("text_encoder")),
+            decoder=DecoderConfig.from_dict(data.pop("decoder")),
+            stream=StreamConfig.from_dict(data.pop("stream", {})),
+            **data,
+        )

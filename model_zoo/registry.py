@@ -15,23 +15,51 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_state, read_config
-from .config import DecoderConfig, DiTConfig, ModelConfig, TextEncoderConfig
+from .checkpoint import CheckpointError, check_headers, load_state, read_config
+from ..errors import UsageError
+from .config import ConfigError, DecoderConfig, DiTConfig, ModelConfig, TextEncoderConfig
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_ROOT = Path(__file__).resolve().parent / "checkpoints"
 
 
+# Seeded (weightless) stages are bounded by an estimate, not by headers; paper-scale DiT is ~1.8B.
+MAX_STAGE_PARAMS = 8_000_000_000
+
+
 @dataclass(frozen=True)
 class ModelCard:
+    """A registered model. ``config`` is what ``load_pipeline`` builds: when weights are bundled, their
+    config.json is the truth (resolution included). ``deploy_height`` / ``deploy_width`` are the
+    resolution the model is meant to be compiled and benchmarked at on phones (pass it as
+    ``compile --resolution HxW``); None means the checkpoint's own resolution.
+    """
+
     config: ModelConfig
     description: str
     intended_use: str
+    deploy_height: int | None = None
+    deploy_width: int | None = None
+
+    def __post_init__(self) -> None:
+        folder = self.bundled_weights
+        if folder is not None:
+            bundled = read_config(folder)
+            if bundled != self.config:
+                log.warning("%s: card config differs from its bundled %s; using the bundled one",
+                            self.name, folder / "config.json")
+                object.__setattr__(self, "config", bundled)
+        self.config.with_resolution(*self.deploy_resolution)  # the deploy resolution must be valid too
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def deploy_resolution(self) -> tuple[int, int]:
+        """(height, width) to compile at for deployment; defaults to the checkpoint's resolution."""
+        return (self.deploy_height or self.config.height, self.deploy_width or self.config.width)
 
     @property
     def bundled_weights(self) -> Path | None:
@@ -65,10 +93,12 @@ CARDS: dict[str, ModelCard] = {
                     intermediate_size=512, projection_dim=128,
                 ),
                 decoder=DecoderConfig(channels=(128, 64, 32, 16), groups=4),
-                height=192, width=320,
+                height=32, width=64,  # what the bundled checkpoint was trained at and loads at
             ),
-            description="6 groups (LLSSLL), width 192, 320x192: the bundled default demo.",
+            description=("6 groups (LLSSLL), width 192: the bundled default demo, trained at 32x64 (HxW); "
+                         "deploy resolution 192x320 (compile --resolution 192x320)."),
             intended_use="default demo, quantization and compile experiments on a laptop CPU",
+            deploy_height=192, deploy_width=320,
         ),
         ModelCard(
             ModelConfig(
@@ -90,9 +120,16 @@ CARDS: dict[str, ModelCard] = {
 }
 
 
+class UnknownModelError(UsageError, KeyError):
+    """A model name that is not registered (still a KeyError for older callers)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 def get_card(name: str) -> ModelCard:
     if name not in CARDS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(CARDS)} (see `s2dit-deploy models`)")
+        raise UnknownModelError(f"unknown model {name!r}; available: {', '.join(CARDS)} (see `s2dit-deploy models`)")
     return CARDS[name]
 
 
@@ -126,8 +163,26 @@ def build_stage(config: ModelConfig, stage: str) -> nn.Module:
     raise ValueError(f"unknown stage {stage!r}; stages are dit, text_encoder, decoder")
 
 
+def _precheck(config: ModelConfig, folder: Path | None, stage: str) -> None:
+    """Fail before allocating: build on the meta device, then compare with the weights' headers
+    (or, for seeded stages, bound the parameter count)."""
+    with torch.device("meta"):
+        meta = build_stage(config, stage)
+    if folder is not None:
+        check_headers(folder, stage, meta.state_dict())
+        return
+    count = sum(p.numel() for p in meta.parameters())
+    if count > MAX_STAGE_PARAMS:
+        raise ConfigError(f"{config.name}: the {stage} stage would have {count:,} parameters "
+                          f"(> MAX_STAGE_PARAMS = {MAX_STAGE_PARAMS:,}); check the config's sizes")
+
+
 def load_stage(config: ModelConfig, folder: Path | None, stage: str, seed: int = 0) -> nn.Module:
-    """Build a stage and fill it from ``folder``; without a folder use a fixed-seed init."""
+    """Build a stage and fill it from ``folder``; without a folder use a fixed-seed init.
+
+    Shapes are checked against the safetensors headers (or a size bound) before the real build.
+    """
+    _precheck(config, folder, stage)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = build_stage(config, stage)

@@ -15,6 +15,11 @@ import torch
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 
+# Step counts a distilled model's config may name: the nested 1/2/4-step schedules (their
+# timesteps are subsets of each other), so one set of weights serves each. ModelConfig.steps is
+# checked against this; FewStepSchedule itself still accepts any count for teachers / experiments.
+SUPPORTED_STEPS = (1, 2, 4)
+
 
 def shifted(t: float, shift: float) -> float:
     """Timestep shift of SD3/Wan: pushes steps toward high noise for larger ``shift``."""

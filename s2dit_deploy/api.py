@@ -23,7 +23,11 @@ def model_summary(name: str, with_flops: bool = False) -> dict[str, Any]:
         "intended_use": card.intended_use,
         "layout": cfg.dit.layout,
         "params": {**params, "total": sum(params.values())},
-        "resolution": f"{cfg.width}x{cfg.height}",
+        "resolution": f"{cfg.height}x{cfg.width}",  # HxW, as --resolution takes it
+        "height": cfg.height,
+        "width": cfg.width,
+        # the resolution to deploy at (pass it to `compile --resolution`); "resolution" is the checkpoint's
+        "deploy_resolution": "{}x{}".format(*card.deploy_resolution),
         "chunk_latent_shape": list(cfg.chunk_latent_shape),
         "chunk_frames": cfg.stream.chunk_frames * 4,
         "cache_window_chunks": cfg.stream.window_chunks,

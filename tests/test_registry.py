@@ -17,7 +17,7 @@ def test_list_models_reports_three_cards_with_paper_scale_mobile():
     mobile = models["s2dit-mobile"]
     assert 1.7e9 < mobile["params"]["dit"] < 1.9e9  # the review seed: ~1.8B student
     assert 120e6 < mobile["params"]["text_encoder"] < 126e6  # CLIP ViT-L/14 text tower
-    assert mobile["resolution"] == "512x288" and mobile["chunk_latent_shape"] == [16, 3, 36, 64]
+    assert mobile["resolution"] == "288x512" and mobile["chunk_latent_shape"] == [16, 3, 36, 64]
     assert mobile["tokens_per_chunk_step"] == 1728
     assert models["s2dit-tiny"]["params"]["dit"] < models["s2dit-small"]["params"]["dit"]
 
