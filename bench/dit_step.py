@@ -46,7 +46,7 @@ def dit_step_setup(model: str, resolution: tuple[int, int] | None = None) -> tup
     from s2dit_deploy.model_zoo.pipeline import load_pipeline
     from s2dit_deploy.stages import build_stages
     from s2dit_deploy.targets.xnnpack.target import CALIBRATION_PROMPTS
-    from s2dit_deploy.fidelity import record_inputs
+    from s2dit_deploy.recording import record_inputs
 
     pipe = load_pipeline(model, height=resolution[0] if resolution else None,
                          width=resolution[1] if resolution else None)

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import ModelConfig
+from .config import ModelConfig, TextEncoderConfig
 from .registry import build_stage
 
 STAGES = ("text_encoder", "dit", "decoder")
@@ -27,8 +27,17 @@ def _meta_stage(config: ModelConfig, stage: str) -> torch.nn.Module:
         return build_stage(config, stage)
 
 
+def text_encoder_params(config: TextEncoderConfig) -> int:
+    """Parameters of the CLIP text stage, by formula: building it would import transformers
+    (seconds) just to count. tests/test_startup.py checks it against the built module."""
+    h, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    per_layer = 4 * (h * h + h) + (h * inner + inner) + (inner * h + h) + 2 * 2 * h  # attn, mlp, 2 LNs
+    return (config.vocab_size + config.max_position_embeddings) * h + layers * per_layer + 2 * h
+
+
 def stage_params(config: ModelConfig) -> dict[str, int]:
-    return {stage: count_params(_meta_stage(config, stage)) for stage in STAGES}
+    counts = {stage: count_params(_meta_stage(config, stage)) for stage in STAGES if stage != "text_encoder"}
+    return {"text_encoder": text_encoder_params(config.text_encoder), **counts}
 
 
 def dit_step_flops(config: ModelConfig) -> int:

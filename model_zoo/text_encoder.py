@@ -19,13 +19,16 @@ Why this shape:
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from .config import TextEncoderConfig
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, tokenize
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 def clip_text_config(config: TextEncoderConfig, attn_implementation: str = "eager") -> CLIPTextConfig:
     """``CLIPTextConfig`` for a project config, with CLIP's special ids and quick-GELU defaults."""
+    from transformers import CLIPTextConfig  # lazy: transformers takes seconds to import
+
     return CLIPTextConfig(
         **config.to_dict(),
         bos_token_id=BOS_ID,
@@ -47,6 +52,8 @@ class TextEncoder(nn.Module):
     """CLIP text transformer; ``state_dict`` keys are ``model.<CLIPTextModel keys>``."""
 
     def __init__(self, config: TextEncoderConfig, attn_implementation: str = "eager") -> None:
+        from transformers import CLIPTextModel
+
         super().__init__()
         self.config = config
         self.model = CLIPTextModel(clip_text_config(config, attn_implementation))

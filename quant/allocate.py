@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from .plan import QuantPlan
 from .schemes import target_schemes, weight_scheme
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,6 @@ def mixed_plan(base, stage: str, results: Mapping[str, Mapping[str, Any]], shape
                provenance: Mapping[str, Any] | None = None):
     """``base`` plan with ``stage``'s weight schemes re-chosen by ``allocate`` under ``budget`` bytes."""
     from dataclasses import replace
-
-    from .plan import QuantPlan
 
     costs = layer_costs(results, shapes, base.target, schemes)
     choice = allocate(costs, budget)

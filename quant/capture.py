@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .errors import CalibrationError  # noqa: F401 (re-exported)
 from .fake_quant import input_feature_dim, quantizable_layers
 from .observers import ActStats, LayerInputObserver
 from .size import STAGE_MODULES
@@ -45,10 +46,6 @@ EVAL_PROMPTS = (
     "fireworks bursting over a harbor",
     "a windmill turning slowly in a wheat field",
 )
-
-
-class CalibrationError(ValueError):
-    """Calibration data is unusable (NaN / inf), naming where it came from."""
 
 
 def _check_finite(t: torch.Tensor, where: str) -> None:

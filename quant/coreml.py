@@ -19,12 +19,13 @@ as a prefix). Unmatched plan layers (e.g. folded away by a rewrite) are listed i
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from .layer_names import match_layer
+from .layer_names import norm as _norm
 from .observers import act_qparams
 from .schemes import weight_scheme
 
@@ -32,21 +33,6 @@ log = logging.getLogger(__name__)
 
 WEIGHT_CONSUMERS = {"conv": "weight", "linear": "weight", "matmul": "y", "gather": "x", "conv_transpose": "weight"}
 INPUT_OF = {"conv": "x", "linear": "x", "matmul": "x", "conv_transpose": "x"}
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_")
-
-
-def match_layer(const_name: str, layers: list[str]) -> str | None:
-    """Plan layer owning a weight const (longest ``_``-bounded occurrence of its underscored path)."""
-    cn = "_" + _norm(const_name) + "_"
-    best = None
-    for layer in layers:
-        ln = "_" + _norm(layer) + "_"
-        if ln in cn and (best is None or len(ln) > len(_norm(best)) + 2):
-            best = layer
-    return best
 
 
 def weight_ops(prog) -> list[tuple[Any, str, Any]]:

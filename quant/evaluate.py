@@ -65,7 +65,7 @@ class Evaluator:
         return math.inf if rmse == 0 else 20 * math.log10(float(ref.abs().max()) / rmse)
 
     def stream_psnr(self, plan) -> float:
-        from s2dit_deploy.fidelity import psnr
+        from s2dit_deploy.metrics import psnr
 
         with plan_applied(self.pipe, plan, cache=self.cache):
             got = [self.pipe.generate(p, self.num_chunks, self.steps, self.seed) for p in self.prompts]

@@ -71,6 +71,9 @@ def fake_quant_weight(w: torch.Tensor, scheme: WeightScheme | str) -> torch.Tens
     if s.kind == "lut":
         return _lut_dense(w, s.bits).to(w.dtype)
     if s.granularity == "block":
+        from .torchao_compat import import_torchao
+
+        import_torchao()  # quiet the CUDA-only kernel warnings
         from torchao.quantization.quant_primitives import (
             dequantize_affine,
             quantize_affine,

@@ -23,6 +23,7 @@ from torch.ao.quantization.observer import (
     PerChannelMinMaxObserver,
 )
 
+from .errors import CalibrationError
 from .schemes import WeightScheme
 
 MSE_CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5
@@ -75,6 +76,9 @@ def weight_scale(w: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
 
 def block_qparams(w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
     """torchao per-block symmetric qparams over the flattened input dim (8da4w layout)."""
+    from .torchao_compat import import_torchao
+
+    import_torchao()  # quiet the CUDA-only kernel warnings
     from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine
 
     w2 = w.detach().float().reshape(w.shape[0], -1)
@@ -129,8 +133,6 @@ class LayerInputObserver:
         self.count = 0
 
     def __call__(self, x: torch.Tensor, where: str = "") -> None:
-        from .capture import CalibrationError
-
         x = x.detach().float()
         if not torch.isfinite(x).all():
             bad = "NaN" if torch.isnan(x).any() else "inf"

@@ -24,26 +24,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
 from typing import Any
 
-from .coreml import _norm
-from .schemes import act_scheme, weight_scheme
+from .layer_names import bit_pair, layer_of, layer_pairs  # noqa: F401 (bit_pair: public API)
+from .layer_names import norm as _norm
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {(8, 8): "use_8a8w", (8, 4): "use_8a4w", (16, 8): "use_16a8w", (16, 4): "use_16a4w"}
-
-
-def bit_pair(weight: str, act: str, allow_float_act: bool = False) -> tuple[int, int]:
-    """(activation bits, weight bits) of a plan layer, as QNN's QuantDtype names them (0 bits:
-    float activations, which only ``allow_float_act`` callers such as ONNX QDQ on CPU accept)."""
-    ws, a = weight_scheme(weight), act_scheme(act)
-    if ws.kind != "linear" or ws.granularity != "channel":
-        raise ValueError(f"QNN / ONNX QDQ take per-channel int8/int4 weights, not {weight!r}")
-    if a.dynamic or (a.is_float and not allow_float_act):
-        raise ValueError(f"QNN / ONNX QDQ need static int8/int16 activations, not {act!r}")
-    return a.bits, ws.bits
 
 
 def innermost_path(node) -> str | None:
@@ -55,41 +43,12 @@ def innermost_path(node) -> str | None:
     return path if isinstance(path, str) else None
 
 
-def layer_of(path: str | None, layers_by_norm: Mapping[str, str]) -> str | None:
-    """Plan layer owning a module path: the layer whose name is a ``.``-bounded suffix of the path
-    or of one of its ancestors (a rewrite may split a layer into children, e.g. ``local.taps.0``)."""
-    if not path:
-        return None
-    parts = path.split(".")
-    for end in range(len(parts), 0, -1):  # the module itself, then its ancestors
-        for start in range(end):  # longest suffix first
-            hit = layers_by_norm.get(_norm(".".join(parts[start:end])))
-            if hit is not None:
-                return hit
-    return None
-
-
-def layer_pairs(plan, stage_name: str, allow_float_act: bool = False) -> dict[str, tuple[int, int]]:
-    layers = plan.stages.get(stage_name, {})
-    if not layers:
-        raise ValueError(f"plan {plan.name!r} has no layers for stage {stage_name!r}")
-    mse = [n for n, lq in layers.items() if weight_scheme(lq.weight).range_method == "mse"]
-    if mse:
-        log.info("%s: %d -mse weight schemes use the min-max per-channel observer", stage_name, len(mse))
-    pairs = {}
-    for name, lq in layers.items():
-        try:
-            pairs[name] = bit_pair(lq.weight, lq.act, allow_float_act)
-        except ValueError as exc:
-            raise ValueError(f"{stage_name}:{name}: {exc}") from exc
-    return pairs
-
-
 def apply_plan(plan, stage: Any = None, soc: str = "SM8750", act_observer=None):
     """A QnnQuantizer that quantizes each layer of ``stage`` as ``plan`` says."""
     from executorch.backends.qualcomm.quantizer.quantizer import ModuleQConfig, QnnQuantizer, QuantDtype
+    from executorch.backends.qualcomm.serialization.qc_schema import QcomChipset
 
-    from s2dit_deploy.targets.qnn.lower import resolve_soc
+    from s2dit_deploy.socs import resolve_soc
 
     plan.check_target("executorch-qnn")
     stage_name = getattr(stage, "name", stage)
@@ -100,7 +59,7 @@ def apply_plan(plan, stage: Any = None, soc: str = "SM8750", act_observer=None):
         return ModuleQConfig(getattr(QuantDtype, _DTYPES[pair]), is_conv_per_channel=True,
                              is_linear_per_channel=True, is_embedding_per_channel=True, act_observer=act_observer)
 
-    quantizer = QnnQuantizer(soc_model=resolve_soc(soc))
+    quantizer = QnnQuantizer(soc_model=QcomChipset(resolve_soc(soc).soc_model))
     quantizer.set_default_quant_config(getattr(QuantDtype, _DTYPES[default_pair]), is_conv_per_channel=True,
                                        is_linear_per_channel=True, is_embedding_per_channel=True,
                                        act_observer=act_observer)

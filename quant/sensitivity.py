@@ -182,7 +182,7 @@ class SensitivityRunner:
 
     def decoded_psnr(self, assignment: dict[str, LayerQuant]) -> float:
         """PSNR of the first decoded chunk of the first calibration trajectory vs float."""
-        from s2dit_deploy.fidelity import psnr
+        from s2dit_deploy.metrics import psnr
 
         meta = self.calib.meta
         prompt, seed = meta["prompts"][0], meta["seeds"][0]

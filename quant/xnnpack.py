@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .coreml import match_layer
+from .layer_names import match_layer
 from .schemes import weight_scheme
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ def layer_map(module: nn.Module, plan_layers: Sequence[str]) -> dict[str, str]:
 
 def apply_plan(plan, stage_name: str, module: nn.Module, example_inputs: tuple = (),
                calibration_batches: Sequence[tuple] = ()) -> tuple[nn.Module, dict[str, Any]]:
+    from .torchao_compat import import_torchao
+
+    import_torchao()  # quiet the CUDA-only kernel warnings
     from torchao.quantization import (
         Int8DynamicActivationIntxWeightConfig,
         PerAxis,

@@ -6,12 +6,33 @@
     video = pipe.generate("a red ball bouncing", num_chunks=4, steps=4, seed=0)
     bundle = sd.compile("s2dit-small", target="executorch-xnnpack", out_dir="build/xnnpack")
     report = sd.validate(bundle)
+
+The API is resolved on first use (module ``__getattr__``), so ``import s2dit_deploy`` and
+``s2dit-deploy --help`` stay instant: torch and the toolchains load only when a function needs them.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .api import bench, compile, list_models, load_model, load_pipeline, validate  # noqa: E402
-
 __all__ = ["__version__", "bench", "compile", "list_models", "load_model", "load_pipeline", "validate"]
+_API = frozenset(__all__) - {"__version__"}
+
+if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
+    from .api import bench, compile, list_models, load_model, load_pipeline, validate  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from . import api
+
+        value = getattr(api, name)
+        globals()[name] = value  # later look-ups skip __getattr__
+        return value
+    raise AttributeError(f"module 's2dit_deploy' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _API)

@@ -171,7 +171,7 @@ def test_per_block_presets_fall_back_where_rows_are_not_whole_blocks():
 
 
 def test_preset_sizes_from_the_meta_layout():
-    from s2dit_deploy.quant.size import preset_sizes
+    from s2dit_deploy.quant.preset_sizes import preset_sizes
 
     rows = {(r["target"], r["preset"]): r for r in preset_sizes("s2dit-tiny")}
     for target in ("coreml", "executorch-xnnpack"):

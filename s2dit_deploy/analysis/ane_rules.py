@@ -14,12 +14,13 @@ SRC_APPLE_TRANSFORMERS = (
     "https://machinelearning.apple.com/research/neural-engine-transformers ; "
     "https://github.com/apple/ml-ane-transformers"
 )
-SRC_HOLLANCE = "https://github.com/hollance/neural-engine (docs/unsupported-layers.md, docs/is-model-using-ane.md)"
+SRC_HOLLANCE = ("https://github.com/hollance/neural-engine/blob/master/docs/unsupported-layers.md, "
+                "https://github.com/hollance/neural-engine/blob/master/docs/is-model-using-ane.md")
 SRC_COREMLTOOLS_OPT = (
     "coremltools 8/9 docs, Optimization > Quantization / Palettization overview ('per-block' granularity "
     "targets iOS18 GPU/CPU), https://apple.github.io/coremltools/docs-guides/source/opt-quantization-overview.html"
 )
-SRC_PROJECT = "shared/design/TOOLCHAINS.md (measured facts for this project)"
+SRC_PROJECT = "tests/test_ane_residency.py (this repository's checks of each rule on converted programs)"
 SRC_SD = "https://github.com/apple/ml-stable-diffusion (README: ANE-optimized attention, split_einsum)"
 
 

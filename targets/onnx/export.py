@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from s2dit_deploy.stages import Stage
+from s2dit_deploy.targets.base import Runner
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def feed(session, contract_inputs: list[dict[str, Any]], inputs: dict[str, np.nd
             for n in names}
 
 
-class OrtRunner:
+class OrtRunner(Runner):
     """An ONNX Runtime session with named numpy I/O (CPU by default)."""
 
     def __init__(self, path: Path, contract: dict[str, Any], session=None):

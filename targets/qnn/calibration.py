@@ -26,7 +26,7 @@ _RECORDED: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 def recorded_inputs(pipe, prompt: str | None = None, num_chunks: int | None = None,
                     steps: int | None = None, seed: int | None = None) -> dict[str, list[dict]]:
     """``validate.record_inputs`` of a float streaming run, memoized per pipeline and settings."""
-    from s2dit_deploy.fidelity import record_inputs
+    from s2dit_deploy.recording import record_inputs
 
     key = (prompt or DEFAULTS["prompt"], num_chunks or DEFAULTS["num_chunks"],
            steps or pipe.config.steps, DEFAULTS["seed"] if seed is None else seed)
