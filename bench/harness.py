@@ -3,9 +3,10 @@
 For each stage the harness loads the artifact through its target's ``load()`` (any target whose
 runner has ``run(dict of numpy)``), runs ``warmup`` calls that are not timed, then ``repeats``
 timed calls, and reports the median and the spread (p10, p90, IQR) in milliseconds. Runners that
-expose ``ordered``/``execute`` (the ExecuTorch runners) are timed on ``execute`` alone, so input
-conversion is not counted. Runners that expose ``profile`` add a per-operator table (ExecuTorch:
-ETDump + ``executorch.devtools.Inspector``).
+declare ``timed_execute`` (the ExecuTorch XNNPACK runner) are timed on ``execute`` alone, so input
+conversion is not counted. Runners that declare ``profile`` add a per-operator table (ExecuTorch:
+ETDump + ``executorch.devtools.Inspector``; QNN: HTP emulator events), taken after the timings; a
+profiler failure is reported in the stage's ``profile_error`` and never loses them.
 
 Every number is labelled with what it measures: host CPU time for XNNPACK and ONNX Runtime CPU,
 "reference executor time, not device time" for Core ML's MIL executor, emulator time for QNN.
@@ -101,7 +102,7 @@ def time_interleaved(fns: dict[str, Any], repeats: int, warmup: int) -> dict[str
 
 
 def _timed_call(runner, inputs: dict[str, np.ndarray]):
-    if hasattr(runner, "ordered") and hasattr(runner, "execute"):
+    if "timed_execute" in runner.capabilities:
         tensors = runner.ordered(inputs)
         return lambda: runner.execute(tensors), "runtime execute (inputs pre-converted)"
     return lambda: runner.run(inputs), "runner.run (includes input/output conversion)"
@@ -132,7 +133,7 @@ def bench_bundle(bundle, repeats: int = 20, warmup: int = 3, stages: tuple[str, 
     }
     for name in names:
         art = bundle.artifacts[name]
-        runner = target.load(art, bundle.path)
+        runner = target.load(art, bundle.path, profile=profile)
         inputs = synthetic_inputs(art.contract)
         fn, what = _timed_call(runner, inputs)
         entry: dict[str, Any] = {
@@ -142,15 +143,17 @@ def bench_bundle(bundle, repeats: int = 20, warmup: int = 3, stages: tuple[str, 
         if "delegation" in art.metadata:
             d = art.metadata["delegation"]
             entry["delegation"] = {k: d[k] for k in ("delegated_nodes", "portable_nodes", "fallback_ops") if k in d}
-        if profile and hasattr(runner, "profile"):
-            etrecord = target.etrecord(art, bundle.path) if hasattr(target, "etrecord") else None
+        report["stages"][name] = entry  # the timings are kept whatever the profiler does next
+        if profile and "profile" in runner.capabilities:
+            if out_dir:  # on disk before the profiler runs: even a native abort cannot lose them
+                write_report(report, out_dir)
+            etrecord = target.etrecord(art, bundle.path) if "etrecord" in target.capabilities else None
             keep = Path(out_dir) / "etdump" if out_dir else None
             try:
                 entry["profile"] = runner.profile(inputs, runs=profile_runs, etrecord=etrecord, keep_dir=keep)
             except Exception as exc:  # noqa: BLE001 - a profiler failure must not lose the timings
                 log.warning("profiling %s failed: %s", name, exc)
                 entry["profile_error"] = f"{type(exc).__name__}: {exc}"
-        report["stages"][name] = entry
         log.info("%s: median %.2f ms (p10 %.2f, p90 %.2f)", name, entry["median_ms"], entry["p10_ms"], entry["p90_ms"])
     if out_dir:
         write_report(report, out_dir)
@@ -169,10 +172,12 @@ def to_markdown(report: dict[str, Any], top_ops: int = 12) -> str:
         prof = s.get("profile")
         if not prof:
             continue
+        per_run = "ms / run" if all("ms_per_run" in op for op in prof["ops"]) else "value / run"
         lines += ["", f"## {name}: per-operator profile ({prof['unit']}, {prof['runs']} runs)", "",
-                  "| op | backend | calls / run | ms / run |", "|---|---|---|---|"]
+                  f"| op | backend | calls / run | {per_run} |", "|---|---|---|---|"]
         for op in prof["ops"][:top_ops]:
-            lines.append(f"| {op['op']} | {op['backend'] or 'portable CPU'} | {op['calls_per_run']} | {op['ms_per_run']:.4f} |")
+            value = op.get("ms_per_run", op.get("value_per_run"))
+            lines.append(f"| {op['op']} | {op['backend'] or 'portable CPU'} | {op['calls_per_run']} | {value:.4f} |")
         if len(prof["ops"]) > top_ops:
             lines.append(f"| ({len(prof['ops']) - top_ops} more in bench.json) | | | |")
     return "\n".join(lines) + "\n"

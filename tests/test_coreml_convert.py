@@ -101,8 +101,10 @@ def test_quant_plan_goes_through_the_seam(monkeypatch, tmp_path):
 def test_options_parse_cli_strings():
     from s2dit_deploy.targets.coreml.convert import CoreMLOptions
 
-    o = CoreMLOptions.from_dict({"rewrite": "false", "fold_schedule": "1,0.5,0", "soc": "ignored"})
+    o = CoreMLOptions.from_dict({"rewrite": "false", "fold_schedule": "1,0.5,0"})
     assert o.rewrite is False and o.fold_schedule == (1.0, 0.5, 0.0)
+    with pytest.raises(ValueError, match="soc"):  # an option of the QNN targets only: no longer ignored
+        CoreMLOptions.from_dict({"soc": "SM8750"})
     with pytest.raises(ValueError):
         CoreMLOptions.from_dict({"precision": "int4"})
     with pytest.raises(ValueError):

@@ -24,6 +24,16 @@ def tiny():
     return pipe, build_stages(pipe), recorded_inputs(pipe, num_chunks=1)
 
 
+@pytest.fixture(scope="module")
+def unseen(tiny):
+    """Inputs recorded from a prompt (and seed) the calibration stream never saw, to score on."""
+    from s2dit_deploy.quant.capture import EVAL_PROMPTS
+    from s2dit_deploy.recording import record_inputs
+
+    pipe = tiny[0]
+    return record_inputs(pipe, EVAL_PROMPTS[1], 1, pipe.config.steps, 7)
+
+
 def _fidelity(stage, runner, calls, n=2):
     refs, outs = {}, {}
     for named in calls[:n]:
@@ -58,21 +68,25 @@ def _mixed_plan(pipe, stage: str, target: str):
     return QuantPlan("test-mixed", pipe.config.name, {stage: layers}, target)
 
 
-def test_onnx_plan_gives_a_mixed_qdq_model_on_cpu(tiny, tmp_path):
+def test_onnx_plan_gives_a_mixed_qdq_model_on_cpu(tiny, unseen, tmp_path):
     import onnx
+
+    from s2dit_deploy.targets.onnx.qdq import plan_mismatches
 
     pipe, stages, calls = tiny
     target = get_target("onnx")
-    art = target.compile(stages["dit_step"], _mixed_plan(pipe, "dit_step", "onnx"), tmp_path,
-                         {"calibration": calls, "calibration_samples": 4})
-    assert art.quant["plan"] == "test-mixed" and art.quant["overridden_tensors"] > 0
+    plan = _mixed_plan(pipe, "dit_step", "onnx")
+    art = target.compile(stages["dit_step"], plan, tmp_path, {"calibration": calls, "calibration_samples": 4})
+    assert art.quant["plan"] == "test-mixed" and art.quant["quantized_nodes"] > 0
+    # q / k / v share one input at 8 and 16 bits: each gets its planned width (a Q/DQ convert)
+    assert plan_mismatches(tmp_path / art.files[0], plan, "dit_step") == []
     model = onnx.load(str(tmp_path / art.files[0]))
     elem = {i.name: i.data_type for i in model.graph.initializer}
     weights = {elem.get(n.input[0]) for n in model.graph.node if n.op_type == "DequantizeLinear"}
     acts = {elem.get(n.input[2]) for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
     assert {onnx.TensorProto.INT4, onnx.TensorProto.INT8} <= weights, weights
     assert {onnx.TensorProto.UINT8, onnx.TensorProto.UINT16} <= acts, acts
-    fid = _fidelity(stages["dit_step"], target.load(art, tmp_path), calls["dit_step"][4:], n=2)
+    fid = _fidelity(stages["dit_step"], target.load(art, tmp_path), unseen["dit_step"], n=2)
     assert fid["velocity"] >= 25.0, fid
 
 
@@ -95,6 +109,8 @@ def test_onnx_qnn_qdq_decoder_under_emulation(tiny, tmp_path, qnn_ep):
     _, stages, calls = tiny
     art, runner = _compile_on_htp(stages, calls, tmp_path, "decoder", 2)
     assert art.files[0].endswith(".ctx.onnx") and art.metadata["soc_model"] == 69
+    # no --quant: the documented default QDQ preset, recorded as built (never an fp16 HTP build)
+    assert art.metadata["quant"] == "8a8w" and art.metadata["use_fp16"] is False
     fid = _fidelity(stages["decoder"], runner, calls["decoder"], n=1)
     assert fid["video"] >= 25.0, fid
 
@@ -106,6 +122,8 @@ def test_onnx_qnn_errors(tiny, tmp_path, qnn_ep):
         target.compile(stages["decoder"], None, tmp_path, {"soc": "SM0000"})
     with pytest.raises(ValueError, match="calibration"):
         target.compile(stages["decoder"], None, tmp_path, {"soc": "SM8650"})
+    with pytest.raises(ValueError, match="--quant"):  # precision is compute precision, not a preset
+        target.compile(stages["decoder"], None, tmp_path, {"precision": "8a8w"})
 
 
 def test_onnx_qnn_dit_step_whole_graph_on_htp(tiny, tmp_path, qnn_ep):

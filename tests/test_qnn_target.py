@@ -8,6 +8,7 @@ import torch
 from s2dit_deploy.targets.qnn.rewrite import apply_host_inputs, rewrite_for_qnn
 from torch import nn
 
+from s2dit_deploy.targets.base import QuantPreset
 from s2dit_deploy.stages import Stage, TensorSpec, build_stages
 from s2dit_deploy.fidelity import psnr
 
@@ -83,11 +84,13 @@ def test_unknown_soc_and_precision_are_clear(qnn, toy, tmp_path):
     with pytest.raises(ValueError, match="SM8750"):
         qnn.compile(toy, None, tmp_path, {"soc": "SM0000"})
     with pytest.raises(ValueError, match="8a8w"):
-        qnn.compile(toy, None, tmp_path, {"precision": "3a3w"})
-    with pytest.raises(ValueError, match="calibration"):
+        qnn.compile(toy, QuantPreset("3a3w"), tmp_path, {})
+    with pytest.raises(ValueError, match="--quant"):  # precision is compute precision, not a preset
         qnn.compile(toy, None, tmp_path, {"precision": "8a8w"})
+    with pytest.raises(ValueError, match="calibration"):
+        qnn.compile(toy, QuantPreset("8a8w"), tmp_path, {})
     with pytest.raises(ValueError, match="act_observer"):
-        qnn.compile(toy, None, tmp_path, {"precision": "8a8w", "act_observer": "median"})
+        qnn.compile(toy, QuantPreset("8a8w"), tmp_path, {"act_observer": "median"})
 
 
 def _psnr(runner, stage, xs):
@@ -100,9 +103,11 @@ def _psnr(runner, stage, xs):
 def test_toy_stage_fully_delegated_and_accurate(qnn, toy, tmp_path, precision, floor):
     torch.manual_seed(1)
     xs = [torch.randn(1, 48, 16) for _ in range(4)]
-    opts = {"soc": "SM8750", "precision": precision, "calibration": {"toy": [{"x": x} for x in xs]},
-            "profile": precision == "fp16"}
-    art = qnn.compile(toy, None, tmp_path, opts)
+    opts = {"soc": "SM8750", "calibration": {"toy": [{"x": x} for x in xs]}, "profile": precision == "fp16"}
+    art = qnn.compile(toy, None if precision == "fp16" else QuantPreset(precision), tmp_path, opts)
+    # the artifact records what was built: a quantized graph is never built with use_fp16
+    assert art.metadata["use_fp16"] is (precision == "fp16") and art.quant["use_fp16"] is (precision == "fp16")
+    assert art.metadata["quant"] == (None if precision == "fp16" else precision)
     part = art.metadata["partition"]
     assert part["delegated_fraction"] == 1.0 and part["fallbacks"] == [], part
     assert art.metadata["htp_arch"] == 79 and (tmp_path / art.files[0]).stat().st_size > 0

@@ -20,65 +20,20 @@ import sys
 import logging
 import resource
 import time
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
 import torch
 
-from s2dit_deploy.rewrites import AneOptions, DeviceStage, identity_stage, rewrite_stage
+from s2dit_deploy.rewrites import DeviceStage, identity_stage, rewrite_stage
 from s2dit_deploy.stages import Stage
+
+from .options import CoreMLOptions  # noqa: F401 - re-exported (the options live in a light module)
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "s2dit-coreml/1"
-
-
-def _as_bool(v: Any) -> bool:
-    if isinstance(v, str):
-        if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise ValueError(f"expected a boolean, got {v!r}")
-        return v.lower() in ("1", "true", "yes")
-    return bool(v)
-
-
-@dataclass(frozen=True)
-class CoreMLOptions:
-    """Conversion switches; ``from_dict`` accepts CLI strings (``--option fold_schedule=1,0.5,0``)."""
-
-    rewrite: bool = True
-    split_heads: bool = True
-    fold_schedule: tuple[float, ...] | None = None
-    precision: str = "fp16"  # fp16 | fp32
-    io_dtype: str = "fp16"  # fp16 I/O avoids boundary casts (ANE-native); fp32 for host convenience
-    deployment_target: str = "iOS18"
-    compute_units: str = "ALL"
-
-    def __post_init__(self):
-        if self.precision not in ("fp16", "fp32"):
-            raise ValueError(f"precision must be fp16 or fp32, got {self.precision!r}")
-        if self.io_dtype not in ("fp16", "fp32"):
-            raise ValueError(f"io_dtype must be fp16 or fp32, got {self.io_dtype!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> CoreMLOptions:
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        kw: dict[str, Any] = {}
-        for k, v in d.items():
-            if k not in known:
-                continue  # options of other targets / of the driver (e.g. soc) are ignored
-            if k in ("rewrite", "split_heads"):
-                kw[k] = _as_bool(v)
-            elif k == "fold_schedule" and v is not None:
-                vals = v.split(",") if isinstance(v, str) else v
-                kw[k] = tuple(float(x) for x in vals if str(x).strip())
-            else:
-                kw[k] = v
-        return cls(**kw)
-
-    def ane(self) -> AneOptions:
-        return AneOptions(split_heads=self.split_heads, fold_schedule=self.fold_schedule)
 
 
 def device_stage(stage: Stage, opts: CoreMLOptions) -> DeviceStage:

@@ -10,7 +10,10 @@ fp32. Const and ``constexpr_*`` (weight decompression) ops, and any op whose inp
 constant, are evaluated once at load time. Stateful programs (``ct.StateType``) read and write a
 ``ProgramState`` made by ``Program.new_state()``, as Core ML's ``MLState``.
 
-Op implementations live in ``mil_ops`` (registry: op type -> numpy function).
+Op implementations live in ``mil_ops`` (registry: op type -> numpy function). An op type, or an
+attribute value, the executor does not implement raises ``UnsupportedOpError`` at load time
+rather than computing something else. Flexible-shape programs (``ct.RangeDim`` /
+``ct.EnumeratedShapes`` inputs) run for the concrete shapes fed, checked against the model's ranges.
 """
 
 from __future__ import annotations
@@ -27,29 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from .mil_ops import OPS, StateSlot, supported_ops
+from s2dit_deploy.errors import InputError
+
+from .mil_ops import ISSUE_HINT, OPS, StateSlot, UnsupportedOpError, supported_ops  # noqa: F401 (re-exported)
+from .mil_ops_checked import check_attributes
 
 log = logging.getLogger(__name__)
 
 # BLAS threads while a program runs: OpenBLAS' spinning worker threads make small matmuls 10-100x
 # slower on a shared 2-core machine, so the reference executor defaults to one (env override).
 BLAS_THREADS = int(os.environ.get("S2DIT_COREML_EXECUTOR_THREADS", "1"))
-
-ISSUE_HINT = "file an issue for the s2dit-deploy Core ML target (or add it to targets/coreml/mil_ops.py)"
-
-
-class UnsupportedOpError(NotImplementedError):
-    """The program contains a MIL op type the reference executor does not implement."""
-
-    def __init__(self, op_type: str, op_name: str, others: list[str] | None = None):
-        self.op_type = op_type
-        self.op_name = op_name
-        extra = f"; other unsupported op types in this program: {', '.join(others)}" if others else ""
-        super().__init__(
-            f"Core ML reference executor: unsupported MIL op type {op_type!r} (op {op_name!r}){extra}. "
-            f"Please {ISSUE_HINT}. Supported op types: {', '.join(supported_ops())}"
-        )
-
 
 class OpExecutionError(RuntimeError):
     """An op failed while running (names the op and its type)."""
@@ -83,6 +73,37 @@ def _widen(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_widen(v) for v in value)
     return value
+
+
+def _flexible_shapes(spec: Any) -> dict[str, tuple[str, list[Any]]]:
+    """Input name -> ("enumerated", [shape, ...]) or ("range", [(low, high|None) per dim]) of a
+    flexible-shape model (``ct.EnumeratedShapes`` / ``ct.RangeDim`` inputs)."""
+    out: dict[str, tuple[str, list[Any]]] = {}
+    for feat in spec.description.input:
+        if feat.type.WhichOneof("Type") != "multiArrayType":
+            continue
+        arr = feat.type.multiArrayType
+        kind = arr.WhichOneof("ShapeFlexibility")
+        if kind == "enumeratedShapes":
+            out[feat.name] = ("enumerated", [tuple(int(d) for d in e.shape) for e in arr.enumeratedShapes.shapes])
+        elif kind == "shapeRange":
+            out[feat.name] = ("range", [(int(r.lowerBound), None if r.upperBound < 0 else int(r.upperBound))
+                                        for r in arr.shapeRange.sizeRanges])
+    return out
+
+
+def _check_flexible(name: str, shape: tuple[int, ...], rule: tuple[str, list[Any]] | None) -> None:
+    if rule is None:
+        return
+    kind, allowed = rule
+    if kind == "enumerated":
+        ok = shape in allowed
+    else:
+        ok = len(shape) == len(allowed) and all(lo <= d and (hi is None or d <= hi)
+                                               for d, (lo, hi) in zip(shape, allowed))
+    if not ok:
+        raise InputError(f"input {name!r} has shape {shape}; the program accepts {kind} shapes {allowed}: "
+                         f"feed one of those")
 
 
 def _blas_threads(n: int) -> Any:
@@ -144,6 +165,7 @@ class Program:
         self.output_names = [v.name for v in func.outputs]
         self._output_dtypes = {v.name: _np_dtype(v) for v in func.outputs}
         self.input_names = list(self.input_specs)
+        self._flexible = _flexible_shapes(spec) if spec is not None else {}
         self.state_names = list(self.state_specs)
         self.op_types = Counter(op.op_type for op in func.operations)
         self.last_profile: dict[str, float] = {}
@@ -158,6 +180,8 @@ class Program:
         if unknown:
             others = sorted({o.op_type for o in unknown[1:]} - {unknown[0].op_type})
             raise UnsupportedOpError(unknown[0].op_type, unknown[0].name, others)
+        for op in func.operations:
+            check_attributes(op)
         self._consts: dict[str, Any] = {}
         self._steps: list[_Step] = []
         t0 = time.perf_counter()
@@ -252,7 +276,9 @@ class Program:
         for name, (shape, dtype) in self.input_specs.items():
             value = np.asarray(inputs[name])
             if shape is not None and value.shape != shape:
-                raise ValueError(f"input {name!r} has shape {value.shape}, the program expects {shape}")
+                raise InputError(f"input {name!r} has shape {value.shape}, the program expects {shape}")
+            if shape is None:
+                _check_flexible(name, tuple(value.shape), self._flexible.get(name))
             env[name] = value.astype(dtype)
         slots: dict[str, StateSlot] = {}
         if self.state_names:

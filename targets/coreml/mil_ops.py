@@ -11,8 +11,9 @@ Where coremltools' own MIL op class carries an exact numpy ``value_inference`` (
 matmul, reshape, slicing, reductions, softmax, layer_norm, scaled_dot_product_attention, ...),
 the entry is ``via_value_inference``: the op's own implementation is run on a shadow copy of the
 op whose inputs hold the runtime values. Numpy is written here only where coremltools has none
-(or a slow one); see ``mil_ops_nn`` (conv, norms, resampling) and ``mil_ops_quant`` (weight
-decompression, activation quantization).
+(or a slow one), and where its value_inference is incomplete (``mil_ops_checked``: concat interleave,
+scatter modes, index bounds, ... plus the load-time attribute rules); see ``mil_ops_nn`` (conv,
+norms, resampling) and ``mil_ops_quant`` (weight decompression, activation quantization).
 """
 
 from __future__ import annotations
@@ -23,12 +24,36 @@ from typing import Any
 
 import numpy as np
 
+from s2dit_deploy.errors import ToolchainUnavailable
+
 try:  # scipy ships with scikit-learn here; fall back to math.erf when it is absent
     from scipy.special import erf as _erf
 except ImportError:  # pragma: no cover - exercised only without scipy
     _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 OpFn = Callable[[Any, dict[str, Any]], Any]
+
+ISSUE_HINT = "file an issue for the s2dit-deploy Core ML target (or add it to targets/coreml/mil_ops.py)"
+
+
+class UnsupportedOpError(ToolchainUnavailable, NotImplementedError):
+    """Our executor cannot run this legal program: an op type, or an attribute value, it does not implement."""
+
+    def __init__(self, op_type: str, op_name: str, others: list[str] | None = None,
+                 attribute: str | None = None, detail: str = ""):
+        self.op_type = op_type
+        self.op_name = op_name
+        self.attribute = attribute
+        if attribute is not None:
+            super().__init__(
+                f"Core ML reference executor: MIL op {op_type!r} (op {op_name!r}) with {attribute} is not "
+                f"supported ({detail}); it would compute something else. Rebuild the program without it or "
+                f"{ISSUE_HINT}")
+            return
+        extra = f"; other unsupported op types in this program: {', '.join(others)}" if others else ""
+        super().__init__(
+            f"Core ML reference executor: unsupported MIL op type {op_type!r} (op {op_name!r}){extra}. "
+            f"Please {ISSUE_HINT}. Supported op types: {', '.join(supported_ops())}")
 
 
 class StateSlot:
@@ -57,6 +82,15 @@ class _RuntimeVar:
     @property
     def sym_val(self) -> Any:
         return self._val
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The runtime shape: in a flexible-shape program the declared one is symbolic."""
+        return np.shape(self._val) if isinstance(self._val, np.ndarray) else self._var.shape
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._var, name)
@@ -190,7 +224,7 @@ VALUE_INFERENCE_OPS = (
 
 
 def _build_registry() -> dict[str, OpFn]:
-    from . import mil_ops_nn, mil_ops_quant
+    from . import mil_ops_checked, mil_ops_nn, mil_ops_quant
 
     ops: dict[str, OpFn] = {name: via_value_inference for name in VALUE_INFERENCE_OPS}
     ops.update({
@@ -206,6 +240,7 @@ def _build_registry() -> dict[str, OpFn]:
         "read_state": _read_state,
         "coreml_update_state": _coreml_update_state,
     })
+    ops.update(mil_ops_checked.OPS)
     ops.update(mil_ops_nn.OPS)
     ops.update(mil_ops_quant.OPS)
     return ops

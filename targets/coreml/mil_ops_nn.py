@@ -123,8 +123,6 @@ def _pool(op: Any, args: dict[str, Any], kind: str) -> np.ndarray:
     kernel = _ints(args["kernel_sizes"], n_sp, 1)
     strides = _ints(args.get("strides"), n_sp, 1)
     pads = _pads(str(args.get("pad_type") or "valid"), args.get("pad"), list(x.shape[2:]), kernel, strides)
-    if bool(args.get("ceil_mode")):
-        raise NotImplementedError("pooling with ceil_mode=True")
     fill = -np.inf if kind == "max" else 0.0
     xp = np.pad(x, [(0, 0), (0, 0), *pads], constant_values=fill)
     ones = np.pad(np.ones_like(x), [(0, 0), (0, 0), *pads])
@@ -176,14 +174,15 @@ def instance_norm(op: Any, args: dict[str, Any]) -> np.ndarray:
 
 
 def upsample_nearest_neighbor(op: Any, args: dict[str, Any]) -> np.ndarray:
-    """(N, C, H, W) -> nearest with scale factors: out[i] = in[floor(i / scale)]."""
+    """(..., H, W) -> (..., floor(H * sh), floor(W * sw)) with out[i] = in[floor(i * in / out)] (Core ML's
+    index rule; floor(i / scale) differs for fractional scales)."""
     x = args["x"]
     sh = float(args.get("scale_factor_height") if args.get("scale_factor_height") is not None else 1)
     sw = float(args.get("scale_factor_width") if args.get("scale_factor_width") is not None else 1)
     h, w = x.shape[-2:]
-    oh, ow = int(op.outputs[0].shape[-2]), int(op.outputs[0].shape[-1])
-    ri = np.minimum(np.floor(np.arange(oh) / sh).astype(np.int64), h - 1)
-    ci = np.minimum(np.floor(np.arange(ow) / sw).astype(np.int64), w - 1)
+    oh, ow = int(math.floor(h * sh)), int(math.floor(w * sw))
+    ri = np.minimum((np.arange(oh) * h) // max(oh, 1), h - 1)
+    ci = np.minimum((np.arange(ow) * w) // max(ow, 1), w - 1)
     return x[..., ri, :][..., ci]
 
 

@@ -23,8 +23,10 @@ import numpy as np
 from s2dit_deploy.bundle import Artifact
 from s2dit_deploy.rewrites.device_io import IOMap, maps_from_json, maps_to_json
 from s2dit_deploy.stages import Stage
+from s2dit_deploy.targets.base import BaseTarget, Runner, TargetUnavailable
 
-from .convert import CoreMLOptions, convert, device_stage, metadata_for, peak_rss_mb
+from .convert import convert, device_stage, metadata_for, peak_rss_mb
+from .options import CoreMLOptions
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ def apply_quant_plan(mlmodel, plan: Any, stage_name: str):
     return out, summary
 
 
-class CoreMLRunner:
+class CoreMLRunner(Runner):
     """Host-contract tensors in and out; device layout and scales handled here (fp32 on the host)."""
 
     def __init__(self, program: Any, inputs: list[IOMap], outputs: list[IOMap], io_dtype: str = "fp16"):
@@ -76,11 +78,13 @@ class CoreMLRunner:
         return {m.name: m.to_host(np.asarray(dev[m.device_name]).astype(np.float32)) for m in self.outputs}
 
 
-class CoreMLTarget:
+class CoreMLTarget(BaseTarget):
     name = "coreml"
+    options_cls = CoreMLOptions
+    capabilities = frozenset()
 
     def compile(self, stage: Stage, plan: Any, out_dir: Path, options: dict[str, Any] | None = None) -> Artifact:
-        opts = CoreMLOptions.from_dict(options)
+        opts = self.parse_options(options)
         t0 = time.time()
         dstage = device_stage(stage, opts)
         extra = {"quant": None if plan is None else getattr(plan, "name", "plan")}
@@ -103,12 +107,16 @@ class CoreMLTarget:
         }
         return Artifact(stage.name, self.name, [fname], stage.contract(), quant_summary, meta)
 
-    def load(self, artifact: Artifact, bundle_dir: Path) -> CoreMLRunner:
+    def check_plan(self, artifact: Artifact, bundle_dir: Path, plan: Any) -> list[str]:
+        """Quantized plan layers the translation found no weight for (from the quant summary)."""
+        from s2dit_deploy.targets.floors import unmatched_plan_layers
+
+        return unmatched_plan_layers(artifact, plan)
+
+    def load(self, artifact: Artifact, bundle_dir: Path, *, profile: bool = False) -> CoreMLRunner:
         try:
             from s2dit_deploy.targets.coreml.executor import load_program
         except ImportError as exc:
-            from s2dit_deploy.targets.base import TargetUnavailable
-
             raise TargetUnavailable("the Core ML reference executor is not available in this version") from exc
         program = load_program(str(Path(bundle_dir) / artifact.files[0]))
         io = artifact.metadata["device_io"]

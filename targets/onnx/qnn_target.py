@@ -8,9 +8,12 @@ QNN EP with ``soc_model``/``htp_arch`` and no CPU fallback dumps the EPContext m
 binary embedded). The bundle keeps both: ``<stage>.<soc>.ctx.onnx`` (what an app with ONNX Runtime
 Mobile + QNN EP loads on the phone) and ``<stage>.<soc>.qdq.onnx`` (portable QDQ source).
 
-Options: ``soc`` (default SM8750), ``precision``: ``8a8w`` (default; uint8 activations, int8
-symmetric per-channel weights), ``16a8w`` (uint16 activations), ``fp16`` (float model, HTP fp16);
-``calibration`` / ``pipeline`` as for executorch-qnn; ``calibration_samples`` to cap them.
+Options (``targets/onnx/options.py``): ``soc`` (default SM8750), ``precision`` (compute precision
+of float ops: fp16), ``onnx_exporter``, ``calibration_samples``. Quantization comes from ``--quant``:
+``8a8w`` (the documented default when no ``--quant`` is given: uint8 activations, int8 symmetric
+per-channel weights), ``16a8w`` (uint16 activations) or a QuantPlan; the HTP path through the QNN
+EP runs a QDQ graph, so there is no float build. Calibration comes from the compiler's ``pipeline``
+or a ``calibration`` mapping, as for executorch-qnn.
 """
 
 from __future__ import annotations
@@ -32,14 +35,17 @@ from s2dit_deploy.targets.qnn.rewrite import apply_host_inputs, rewrite_for_qnn
 from s2dit_deploy.bundle import Artifact
 from s2dit_deploy.stages import Stage, TensorSpec
 
+from s2dit_deploy.targets.base import BaseTarget, QuantPreset, TargetOptionError
+
 from . import ort_qnn
 from .export import OrtRunner, export_stage
+from .options import DEFAULT_QUANT, QUANT_PRESETS, OnnxQnnOptions
 from .qdq import quantize_qdq
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOC = "SM8750"
-PRECISIONS = ("8a8w", "16a8w", "fp16")
+DEFAULT_SOC = OnnxQnnOptions.soc
+PRECISIONS = QUANT_PRESETS
 
 
 def sqrt_to_pow(path: Path) -> int:
@@ -221,15 +227,31 @@ def qnn_graph_stage(stage: Stage) -> tuple[Stage, dict[str, int], dict[str, Any]
     return dataclasses.replace(stage, module=module, example_inputs=example, inputs=specs), rewrites, host
 
 
-class OnnxQnnTarget:
+def _quant_choice(plan: Any) -> tuple[str, Any]:
+    """(QDQ preset, QuantPlan or None) from what ``--quant`` resolved to; no ``--quant``: 8a8w."""
+    if plan is None:
+        log.info("onnx-qnn: no --quant given; building the default %s QDQ graph", DEFAULT_QUANT)
+        return DEFAULT_QUANT, None
+    if isinstance(plan, (QuantPreset, str)):
+        name = plan.name if isinstance(plan, QuantPreset) else plan
+        if name not in QUANT_PRESETS:
+            raise TargetOptionError(f"--quant {name!r} is not an onnx-qnn preset; use one of "
+                                    f"{', '.join(QUANT_PRESETS)} or a QuantPlan")
+        return name, None
+    return "plan", plan
+
+
+class OnnxQnnTarget(BaseTarget):
     name = "onnx-qnn"
+    options_cls = OnnxQnnOptions
+    capabilities = frozenset({"quant_presets"})
 
     def compile(self, stage: Stage, plan: Any, out_dir: Path, options: dict[str, Any]) -> Artifact:
-        soc = str(options.get("soc") or DEFAULT_SOC).upper()
+        opts = self.parse_options(options)
+        soc = opts.soc
         ort_qnn.resolve_soc(soc)
-        precision = str(options.get("precision") or "8a8w")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r} for onnx-qnn; choose from {', '.join(PRECISIONS)}")
+        precision, qplan = _quant_choice(plan)
+        options = {**dict(options or {}), "calibration_samples": opts.calibration_samples}
         ort_qnn.register()
         out_dir = Path(out_dir)
         ctx_rel, qdq_rel = f"{stage.name}.{soc.lower()}.ctx.onnx", f"{stage.name}.{soc.lower()}.qdq.onnx"
@@ -237,7 +259,7 @@ class OnnxQnnTarget:
         graph_stage, rewrites, host = qnn_graph_stage(stage)
         with tempfile.TemporaryDirectory(prefix="s2dit-onnx-qnn-") as tmp:
             tmp = Path(tmp)
-            graph = export_stage(graph_stage, tmp / "float.onnx", options.get("onnx_exporter", "torchscript"))
+            graph = export_stage(graph_stage, tmp / "float.onnx", opts.onnx_exporter)
             from onnxruntime.quantization.execution_providers.qnn import (
                 qnn_preprocess_model,
             )
@@ -246,28 +268,29 @@ class OnnxQnnTarget:
             if not qnn_preprocess_model(str(tmp / "float.onnx"), str(pre), fuse_layernorm=True):
                 pre = tmp / "float.onnx"
             graph["rewrites"] = {**rewrites, "sqrt_to_pow": sqrt_to_pow(pre), "clean_biases": clean_biases(pre)}
-            if precision == "fp16":
-                (out_dir / qdq_rel).write_bytes(pre.read_bytes())
-                quant = {"precision": "fp16", "scheme": "float model, HTP fp16 precision"}
-            else:
-                names = set(graph["inputs"])
-                args = calibration_args(stage, options)
-                named = [apply_host_inputs(host, dict(zip(stage.input_names, t))) for t in args]
-                samples = [{n: torch.as_tensor(a).numpy() for n, a in s.items() if n in names} for s in named]
-                quant = quantize_qdq(pre, out_dir / qdq_rel, samples, precision, plan, stage)
-        part = compile_context(out_dir / qdq_rel, out_dir / ctx_rel, soc, fp16=precision == "fp16")
+            # always a QDQ graph (see the module docstring)
+            names = set(graph["inputs"])
+            args = calibration_args(stage, options)
+            named = [apply_host_inputs(host, dict(zip(stage.input_names, t))) for t in args]
+            samples = [{n: torch.as_tensor(a).numpy() for n, a in s.items() if n in names} for s in named]
+            quant = quantize_qdq(pre, out_dir / qdq_rel, samples, precision, qplan, graph_stage)
+        quant.setdefault("preset", precision if qplan is None else None)
+        part = compile_context(out_dir / qdq_rel, out_dir / ctx_rel, soc, fp16=False)
         seconds = round(time.perf_counter() - t0, 2)
         log.info("%s: %d/%d ONNX ops in QNN context binaries (%s, %s) in %.1fs", stage.name,
                  part["delegated_ops"], part["total_ops"], soc, precision, seconds)
         soc_model, arch = ort_qnn.resolve_soc(soc)
         return Artifact(stage=stage.name, target=self.name, files=[ctx_rel, qdq_rel], contract=stage.contract(),
                         quant={**quant, "soc": soc},
-                        metadata={"soc": soc, "soc_model": soc_model, "htp_arch": arch, "precision": precision,
+                        metadata={"soc": soc, "soc_model": soc_model, "htp_arch": arch,
+                                  "compute_precision": opts.precision, "use_fp16": False,
+                                  "quant": precision if qplan is None else getattr(qplan, "name", "plan"),
                                   "graph": graph, "partition": part, "compile_seconds": seconds,
                                   "host_inputs": host, "graph_inputs": graph_stage.contract()["inputs"],
                                   "runtime": "onnxruntime + QNN EP (HTP emulation here, Hexagon on device)"})
 
-    def load(self, artifact: Artifact, bundle_dir: Path, profile_csv: Path | None = None) -> OnnxQnnRunner:
+    def load(self, artifact: Artifact, bundle_dir: Path, *, profile: bool = False,
+             profile_csv: Path | None = None) -> OnnxQnnRunner:
         meta = artifact.metadata
         return OnnxQnnRunner(Path(bundle_dir) / artifact.files[0], artifact.contract, meta["soc"],
                              fp16=meta.get("precision") == "fp16", profile_csv=profile_csv,

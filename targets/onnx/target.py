@@ -1,7 +1,7 @@
 """``onnx`` target: each stage as a float ONNX model (opset 20, static shapes), run on ONNX Runtime CPU.
 
-Options: ``onnx_exporter`` = ``torchscript`` (default: the TorchScript exporter gives the cleanest
-static graphs for these stages) or ``dynamo``. With a QuantPlan the stage becomes a static QDQ
+Options (``targets/onnx/options.py``): ``onnx_exporter`` = ``torchscript`` (default: the TorchScript
+exporter gives the cleanest static graphs for these stages) or ``dynamo``; ``precision`` fp32. With a QuantPlan the stage becomes a static QDQ
 model (``s2dit_deploy.quant.onnx``), calibrated on recorded stage inputs (``pipeline`` /
 ``calibration`` options as for the QNN targets) and run by the same CPU EP.
 """
@@ -9,7 +9,7 @@ model (``s2dit_deploy.quant.onnx``), calibrated on recorded stage inputs (``pipe
 from __future__ import annotations
 
 import logging
-import tempfile
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,32 +17,46 @@ from typing import Any
 from s2dit_deploy.bundle import Artifact
 from s2dit_deploy.stages import Stage
 
+from s2dit_deploy.targets.base import BaseTarget
+
 from .export import OrtRunner, export_stage
+from .options import OnnxOptions
 from .qdq import quantize_qdq
 
 log = logging.getLogger(__name__)
 
 
-class OnnxTarget:
+class OnnxTarget(BaseTarget):
     name = "onnx"
+    options_cls = OnnxOptions
+    capabilities = frozenset()
 
     def compile(self, stage: Stage, plan: Any, out_dir: Path, options: dict[str, Any]) -> Artifact:
         rel = f"{stage.name}.onnx"
         t0 = time.perf_counter()
-        exporter = options.get("onnx_exporter", "torchscript")
+        opts = self.parse_options(options)  # unknown keys and bad values fail before any work
+        exporter = opts.onnx_exporter
         if plan is None:
             info = export_stage(stage, Path(out_dir) / rel, exporter)
-            quant: dict[str, Any] = {"precision": "fp32"}
+            quant: dict[str, Any] = {"precision": opts.precision}
         else:
             from s2dit_deploy.targets.qnn.calibration import calibration_args
 
             plan.check_target(self.name)
-            with tempfile.TemporaryDirectory(prefix="s2dit-onnx-") as tmp:
-                info = export_stage(stage, Path(tmp) / "float.onnx", exporter)
+            # built inside the bundle's partial folder, so a killed compile leaves nothing elsewhere
+            work = Path(out_dir) / f".{stage.name}.onnx-build"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            try:
+                info = export_stage(stage, work / "float.onnx", exporter)
                 names = set(info["inputs"])
                 samples = [{n: a.numpy() for n, a in zip(stage.input_names, t) if n in names}
                            for t in calibration_args(stage, options)]
-                quant = quantize_qdq(Path(tmp) / "float.onnx", Path(out_dir) / rel, samples, "plan", plan, stage)
+                quant = quantize_qdq(work / "float.onnx", work / rel, samples, "plan", plan, stage,
+                                     plan_layers_only=True)
+                (work / rel).replace(Path(out_dir) / rel)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
         seconds = round(time.perf_counter() - t0, 2)
         log.info("%s: exported %d ONNX nodes in %.1fs (%s)", stage.name, info["nodes"], seconds, quant["precision"])
         return Artifact(stage=stage.name, target=self.name, files=[rel], contract=stage.contract(),
@@ -52,7 +66,15 @@ class OnnxTarget:
                                                 "delegated_fraction": 1.0, "fallbacks": []},
                                   "runtime": "onnxruntime CPUExecutionProvider"})
 
-    def load(self, artifact: Artifact, bundle_dir: Path) -> OrtRunner:
+    def check_plan(self, artifact: Artifact, bundle_dir: Path, plan: Any) -> list[str]:
+        """Planned vs built per-layer bits, read from the QDQ model itself (``qdq.plan_mismatches``)."""
+        from . import qdq
+
+        if plan is None or not hasattr(plan, "stages") or not hasattr(qdq, "plan_mismatches"):
+            return []
+        return list(qdq.plan_mismatches(Path(bundle_dir) / artifact.files[0], plan, artifact.stage))
+
+    def load(self, artifact: Artifact, bundle_dir: Path, *, profile: bool = False) -> OrtRunner:
         return OrtRunner(Path(bundle_dir) / artifact.files[0], artifact.contract)
 
 

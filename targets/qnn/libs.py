@@ -202,3 +202,29 @@ def runtime_env(libs: QnnLibs) -> dict[str, str]:
     if libs.interposer:
         env["S2DIT_QNN_HTP_LIB"] = str(libs.htp)
     return env
+
+
+# Native QNN messages known to be harmless, with why; everything else QNN prints stays a real message.
+HARMLESS_NATIVE: tuple[tuple[str, str], ...] = (
+    (r"unexpected GraphHtpSettings option 66\b",
+     "ExecuTorch's QNN backend (built on the QNN 2.37 headers) passes an HTP graph setting the newer "
+     "host library does not know; QNN skips that setting and builds the graph, so the compile and "
+     "its numbers are unaffected (tests/test_qnn_target.py checks them)"),
+    (r"Qnn API version [\d.]+ is used\. The version is tested against [\d.]+",
+     "the host library is newer than the QNN API ExecuTorch was tested with; the layouts that differ "
+     "are adapted by the interposer (qnn_htp_compat.c) and the results are checked by the tests"),
+)
+
+
+def classify_native(lines: list[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """Split native log lines into (real messages, known-harmless ones with their reason)."""
+    real: list[str] = []
+    harmless: list[dict[str, str]] = []
+    for line in lines:
+        for pattern, reason in HARMLESS_NATIVE:
+            if re.search(pattern, line):
+                harmless.append({"message": line.strip(), "reason": reason})
+                break
+        else:
+            real.append(line)
+    return real, harmless

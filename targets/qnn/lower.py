@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
-from .libs import ensure_qnn, interposer_handle
+from s2dit_deploy.socs import resolve_soc as resolve_soc_name
+
+from .libs import classify_native, ensure_qnn, interposer_handle
 from .rewrite import apply_host_inputs, rewrite_for_qnn
 
 log = logging.getLogger(__name__)
@@ -46,26 +48,29 @@ def resolve_soc(soc: str):
     from executorch.backends.qualcomm.utils.utils import get_soc_to_chipset_map
 
     table = get_soc_to_chipset_map()
-    key = str(soc).upper()
-    if key not in table:
-        raise ValueError(f"unknown SoC {soc!r} for executorch-qnn; this ExecuTorch supports: "
-                         f"{', '.join(sorted(table))}")
+    key = resolve_soc_name(soc).name  # UsageError naming --soc and the valid SoCs
     return table[key]
 
 
 def htp_arch(soc: str) -> int:
     from executorch.backends.qualcomm.utils.utils import get_soc_to_htp_arch_map
 
-    return int(get_soc_to_htp_arch_map()[str(soc).upper()])
+    return int(get_soc_to_htp_arch_map()[resolve_soc_name(soc).name])
 
 
-def compiler_specs(soc: str, precision: str, profile: bool = False) -> list:
+def htp_spec_args(precision: str, plan: Any = None) -> dict[str, bool]:
+    """Arguments of ``generate_htp_compiler_spec``: fp16 only for a float graph, never a quantized one."""
+    quantized = plan is not None or precision != "fp16"
+    return {"use_fp16": not quantized}
+
+
+def compiler_specs(soc: str, precision: str, profile: bool = False, plan: Any = None) -> list:
     from executorch.backends.qualcomm.utils.utils import (
         generate_htp_compiler_spec,
         generate_qnn_executorch_compiler_spec,
     )
 
-    backend = generate_htp_compiler_spec(use_fp16=precision == "fp16")
+    backend = generate_htp_compiler_spec(**htp_spec_args(precision, plan))
     return generate_qnn_executorch_compiler_spec(resolve_soc(soc), backend, profile_level=2 if profile else 0)
 
 
@@ -88,8 +93,9 @@ def native_output(sink: list[str]) -> Iterator[None]:
                 os.close(fd)
             tmp.seek(0)
             text = tmp.read().decode("utf-8", "replace")
-            sink.extend(line for line in text.splitlines() if line.strip())
-            for line in sink:
+            lines = [line for line in text.splitlines() if line.strip()]
+            sink.extend(lines)
+            for line in lines:  # known-harmless or not, the caller decides what to surface
                 log.debug("native: %s", line)
 
 
@@ -194,7 +200,8 @@ def partition_report(edge_manager, partitioner_log: list[str], native: list[str]
             reasons.setdefault(m.group(1), [])
             if m.group(2) not in reasons[m.group(1)]:
                 reasons[m.group(1)].append(m.group(2))
-    qnn_msgs = sorted({line.strip() for line in native if "<E>" in line or "<W>" in line})
+    real, harmless = classify_native(native)
+    qnn_msgs = sorted({line.strip() for line in real if "<E>" in line or "<W>" in line or "[ERROR]" in line})
     total = sum(delegated.values()) + sum(fallback.values())
     return {
         "delegated_ops": sum(delegated.values()),
@@ -207,6 +214,7 @@ def partition_report(edge_manager, partitioner_log: list[str], native: list[str]
                        or "not claimed by the QNN partitioner (see qnn_messages)"}
                       for op, n in sorted(fallback.items())],
         "qnn_messages": qnn_msgs[:50],
+        "qnn_harmless_messages": sorted({(h["message"], h["reason"]) for h in harmless})[:20],
     }
 
 
@@ -226,7 +234,10 @@ def lower(module: torch.nn.Module, example: tuple, input_names: list[str], soc: 
     if calibration and host:
         calibration = [tuple(apply_host_inputs(host, dict(zip(input_names, args))).values())
                        for args in calibration]
-    quant: dict[str, Any] = {"precision": precision, "soc": soc.upper()}
+    spec_args = htp_spec_args(precision, plan)
+    quant: dict[str, Any] = {"precision": "fp16" if spec_args["use_fp16"] else "quantized",
+                             "preset": precision if precision != "fp16" and plan is None else None,
+                             "use_fp16": spec_args["use_fp16"], "soc": soc.upper()}
     if precision != "fp16" or plan is not None:
         if not calibration:
             raise ValueError("quantized QNN compile needs calibration inputs (recorded stage inputs)")
@@ -238,7 +249,7 @@ def lower(module: torch.nn.Module, example: tuple, input_names: list[str], soc: 
             from s2dit_deploy.quant import qnn as quant_qnn
 
             quant["translation"] = quant_qnn.summary(plan, getattr(stage, "name", stage))
-    specs = compiler_specs(soc, precision, profile)
+    specs = compiler_specs(soc, precision, profile, plan)
     records, native = _Records(), []
     plog = logging.getLogger(_PARTITIONER_LOGGER)
     plog.addHandler(records)
@@ -248,7 +259,7 @@ def lower(module: torch.nn.Module, example: tuple, input_names: list[str], soc: 
         report = partition_report(edge, records.messages, native)
         program = edge.to_executorch()
     except Exception as exc:
-        log.error("QNN lowering failed; last QNN messages:\n%s", "\n".join(native[-40:]))
+        log.error("QNN lowering failed; last QNN messages:\n%s", "\n".join(classify_native(native)[0][-40:]))
         tcm = [line.split("<E>")[-1].strip() for line in native if "fit in TCM" in line]
         if tcm:
             raise QnnCompileError(

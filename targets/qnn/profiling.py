@@ -36,3 +36,20 @@ def read_events(program: Any, work_dir: Path) -> list[dict[str, Any]]:
             events.append({"name": ev.name, "values": raw, "source": LABEL})
     log.info("read %d QNN profiling events from %s", len(events), etdump)
     return events
+
+
+def summarize_events(events: list[dict[str, Any]], runs: int) -> dict[str, Any]:
+    """QNN events as a bench profile: one row per event name, values per run in QNN's own unit."""
+    rows: dict[str, dict[str, Any]] = {}
+    for ev in events:
+        row = rows.setdefault(ev["name"], {"op": ev["name"], "backend": "QnnBackend", "delegate": True,
+                                           "values": []})
+        row["values"].extend(ev["values"])
+    ops = []
+    for row in rows.values():
+        vals = row.pop("values")
+        row["calls_per_run"] = round(len(vals) / max(runs, 1), 2)
+        row["value_per_run"] = round(sum(vals) / max(runs, 1), 4)
+        ops.append(row)
+    ops.sort(key=lambda r: -r["value_per_run"])
+    return {"runs": runs, "ops": ops, "events": len(events), "unit": LABEL}

@@ -1,16 +1,12 @@
 """``executorch-qnn`` target: one ExecuTorch ``.pte`` per stage, delegated to QNN HTP for one SoC.
 
-Options (``sd.compile(..., target="executorch-qnn", soc="SM8750", precision="fp16")``):
-
-- ``soc``: SM8650, SM8750 (Galaxy S25, default), SM8850, or any SoC ExecuTorch's QNN backend knows.
-- ``precision``: ``fp16`` (default when no QuantPlan) or a PT2E preset ``8a8w``, ``16a8w``,
-  ``16a4w``, ``8a4w``, ``16a16w`` (per-channel weights); a QuantPlan goes through
-  ``s2dit_deploy.quant.qnn.apply_plan``.
-- ``calibration``: ``{stage: [named inputs, ...]}`` or ``pipeline``: a float Pipeline whose
-  streaming run is recorded (``validate.record_inputs``) to calibrate quantized stages.
-- ``profile``: compile with QNN detailed profiling so the runner can report emulator cycles.
-- ``act_observer``: ``minmax`` (default), ``moving_average`` (QNN's default) or ``histogram``
-  (see ``lower.act_observer_class``).
+Options (``targets/qnn/options.py``; ``sd.compile(..., target="executorch-qnn", soc="SM8750")``):
+``soc``, ``precision`` (compute precision of float ops: fp16), ``profile`` (QNN detailed profiling
+so ``bench`` reports HTP emulator events), ``act_observer``, ``calibration_samples``.
+Quantization comes from ``--quant``: a QuantPlan (``s2dit_deploy.quant.qnn.apply_plan``) or a PT2E
+preset ``8a8w``, ``16a8w``, ``16a4w``, ``8a4w``, ``16a16w`` (per-channel weights), which the
+compiler hands over as a :class:`~s2dit_deploy.targets.base.QuantPreset`. Calibration inputs come
+from the compiler's ``pipeline`` (its stream is recorded) or a ``calibration`` mapping.
 
 ``load`` runs the ``.pte`` through ``executorch.runtime`` on this x86 machine; the QNN HTP library
 emulates the NPU (numerics are HTP's, timings are not a phone's).
@@ -29,19 +25,38 @@ import torch
 from s2dit_deploy.bundle import Artifact
 from s2dit_deploy.stages import Stage
 
+from s2dit_deploy.targets.base import BaseTarget, QuantPreset, Runner, TargetOptionError
+
 from .calibration import calibration_args
-from .libs import ensure_qnn
-from .lower import PRECISIONS, act_observer_class, htp_arch, lower, resolve_soc
+from .libs import classify_native, ensure_qnn
+from .lower import PRECISIONS, htp_arch, lower, native_output
+from .options import QnnOptions
 from .rewrite import apply_host_inputs
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOC = "SM8750"
+DEFAULT_SOC = QnnOptions.soc
 _NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
 
 
-class QnnRunner:
-    """Runs a QNN-delegated ``.pte`` under HTP emulation with named numpy I/O."""
+def _surface_native(lines: list[str], what: str) -> None:
+    """Real native QNN errors/warnings go to the log's warning channel; known-harmless ones to debug."""
+    real, harmless = classify_native(lines)
+    for h in harmless:
+        log.debug("%s: harmless QNN message (%s): %s", what, h["reason"], h["message"])
+    for line in real:
+        if "[ERROR]" in line or "<E>" in line or "[WARNING]" in line or "<W>" in line:
+            log.warning("%s: QNN: %s", what, line.strip())
+
+
+class QnnRunner(Runner):
+    """Runs a QNN-delegated ``.pte`` under HTP emulation with named numpy I/O.
+
+    ``profiling`` says whether it was loaded with ETDump on; ``profile()`` (the declared
+    capability) runs and returns the QNN emulator events.
+    """
+
+    label = "HTP emulator time on the x86 host, not phone time"
 
     def __init__(self, path: Path, contract: dict[str, Any], profile: bool = False,
                  host_inputs: dict[str, Any] | None = None):
@@ -51,10 +66,14 @@ class QnnRunner:
         self.path = Path(path)
         self.inputs = contract["inputs"]
         self.output_names = [s["name"] for s in contract["outputs"]]
-        self.profile = profile
+        self.profiling = profile
+        self.capabilities = frozenset({"profile"}) if profile else frozenset()
         self.host_inputs = host_inputs or {}
-        self._program = Runtime.get().load_program(self.path, enable_etdump=profile)
-        self._method = self._program.load_method("forward")
+        native: list[str] = []
+        with native_output(native):
+            self._program = Runtime.get().load_program(self.path, enable_etdump=profile)
+            self._method = self._program.load_method("forward")
+        _surface_native(native, self.path.name)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [s["name"] for s in self.inputs if s["name"] not in inputs]
@@ -69,51 +88,79 @@ class QnnRunner:
 
     def emulator_profile(self, work_dir: Path) -> list[dict[str, Any]]:
         """QNN profiling events of the last run (HTP *emulator* cycles, never phone time)."""
-        if not self.profile:
+        if not self.profiling:
             raise RuntimeError("load the artifact with profile=True (compiled with profile=True)")
         from .profiling import read_events
 
         return read_events(self._program, Path(work_dir))
 
+    def profile(self, inputs: dict[str, np.ndarray], runs: int = 3, etrecord: Path | None = None,
+                keep_dir: Path | None = None) -> dict[str, Any]:
+        """``runs`` executions, then the QNN events as a bench profile (emulator counters, not ms)."""
+        import tempfile
 
-class QnnTarget:
+        from .profiling import summarize_events
+
+        for _ in range(max(runs, 1)):
+            self.run(inputs)
+        with tempfile.TemporaryDirectory(prefix="s2dit-qnn-prof-") as tmp:
+            events = self.emulator_profile(Path(keep_dir) if keep_dir else Path(tmp))
+        return summarize_events(events, runs)
+
+
+def _quant_choice(plan: Any) -> tuple[str, Any]:
+    """(PT2E preset or "fp16", QuantPlan or None) from what the compiler resolved ``--quant`` to."""
+    if plan is None:
+        return "fp16", None
+    if isinstance(plan, QuantPreset) or isinstance(plan, str):
+        name = plan.name if isinstance(plan, QuantPreset) else plan
+        if name not in PRECISIONS or name == "fp16":
+            raise TargetOptionError(f"--quant {name!r} is not a QNN preset; use one of "
+                                    f"{', '.join(QnnOptions.QUANT_PRESETS)} or a QuantPlan")
+        return name, None
+    return "fp16", plan
+
+
+class QnnTarget(BaseTarget):
     name = "executorch-qnn"
+    options_cls = QnnOptions
+    capabilities = frozenset({"profile", "quant_presets"})
 
     def compile(self, stage: Stage, plan: Any, out_dir: Path, options: dict[str, Any]) -> Artifact:
-        soc = str(options.get("soc") or DEFAULT_SOC).upper()
-        resolve_soc(soc)  # unknown SoC: fail before any work
-        precision = str(options.get("precision") or "fp16")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r} for executorch-qnn; "
-                             f"choose from {', '.join(PRECISIONS)}")
-        observer = str(options.get("act_observer") or "minmax")
-        act_observer_class(observer)  # an unknown name fails before calibration and lowering
-        profile = bool(options.get("profile", False))
+        opts = self.parse_options(options)  # soc, precision, act_observer checked before any work
+        preset, qplan = _quant_choice(plan)
         calib = None
-        if plan is not None or precision != "fp16":
-            calib = calibration_args(stage, options)
+        if qplan is not None or preset != "fp16":
+            calib = calibration_args(stage, {**dict(options or {}), "calibration_samples": opts.calibration_samples})
         t0 = time.perf_counter()
-        low = lower(stage.module, stage.example_inputs, stage.input_names, soc, precision, plan, calib, profile, stage,
-                    observer)
+        low = lower(stage.module, stage.example_inputs, stage.input_names, opts.soc, preset, qplan, calib,
+                    opts.profile, stage, opts.act_observer)
         seconds = time.perf_counter() - t0
-        rel = f"{stage.name}.{soc.lower()}.pte"
+        rel = f"{stage.name}.{opts.soc.lower()}.pte"
         (Path(out_dir) / rel).write_bytes(low.program)
         libs = ensure_qnn()
         part = low.partition
+        quant_label = preset if qplan is None else getattr(qplan, "name", "plan")
         log.info("%s: %d/%d ops delegated to QNN (%s, %s) in %.1fs", stage.name, part["delegated_ops"],
-                 part["total_ops"], soc, precision, seconds)
+                 part["total_ops"], opts.soc, quant_label, seconds)
+        quantized = not low.quant["use_fp16"]
         return Artifact(
             stage=stage.name, target=self.name, files=[rel], contract=stage.contract(),
             quant=low.quant,
-            metadata={"soc": soc, "htp_arch": htp_arch(soc), "precision": precision, "profile": profile,
+            metadata={"soc": opts.soc, "htp_arch": htp_arch(opts.soc),
+                      "compute_precision": None if quantized else opts.precision,
+                      "precision": low.quant["precision"], "quant": quant_label if quantized else None,
+                      "use_fp16": low.quant["use_fp16"], "profile": opts.profile,
                       "partition": part, "rewrites": low.rewrites,
                       "host_inputs": low.host_inputs, "qnn_libraries": libs.to_dict(),
                       "lower_seconds": round(seconds, 2),
                       "runtime": "executorch.runtime + QNN HTP (x86 emulation here, Hexagon on device)"},
         )
 
-    def load(self, artifact: Artifact, bundle_dir: Path, profile: bool | None = None) -> QnnRunner:
-        prof = bool(artifact.metadata.get("profile")) if profile is None else profile
+    def load(self, artifact: Artifact, bundle_dir: Path, *, profile: bool | None = None) -> QnnRunner:
+        """``profile=None``: profile if the artifact was compiled with QNN profiling."""
+        prof = bool(artifact.metadata.get("profile")) if profile is None else (profile and
+                                                                                bool(artifact.metadata.get("profile")))
         return QnnRunner(Path(bundle_dir) / artifact.files[0], artifact.contract, profile=prof,
                          host_inputs=artifact.metadata.get("host_inputs"))
 

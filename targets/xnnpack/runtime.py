@@ -2,7 +2,7 @@
 
 ``XnnpackRunner.run`` takes named numpy (or torch) inputs, orders them by the artifact's contract,
 casts each to the contract dtype, executes ``forward`` and names the outputs. ``profile`` runs with
-ETDump event tracing and returns per-operator timings through ``executorch.devtools.Inspector``.
+ETDump timing events only and returns per-operator timings through ``executorch.devtools.Inspector``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from s2dit_deploy.errors import InputError
+from s2dit_deploy.targets.base import Runner
+
 log = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32,
                  "int64": torch.int64, "bool": torch.bool}
 
 
-class RunnerInputError(ValueError):
+class RunnerInputError(InputError):
     """Inputs do not match the artifact's I/O contract."""
 
 
@@ -36,9 +39,10 @@ def _as_tensor(value: Any, spec: dict[str, Any]) -> torch.Tensor:
     return t.to(dtype).contiguous()
 
 
-class XnnpackRunner:
+class XnnpackRunner(Runner):
     """One loaded ``.pte`` method with the artifact's named I/O."""
 
+    capabilities = frozenset({"profile", "timed_execute"})
     label = "host CPU time (ExecuTorch XNNPACK runtime)"
 
     def __init__(self, pte: Path, contract: dict[str, Any]):
@@ -74,11 +78,16 @@ class XnnpackRunner:
 
     def profile(self, inputs: dict[str, Any], runs: int = 3, etrecord: Path | None = None,
                 keep_dir: Path | None = None) -> dict[str, Any]:
-        """Per-operator timings from ETDump + Inspector over ``runs`` executions (ms, host CPU)."""
+        """Per-operator timings from ETDump + Inspector over ``runs`` executions (ms, host CPU).
+
+        Only timing events are traced (``debug_buffer_size=0``: no intermediate outputs). A fixed
+        debug buffer overflowed on real graphs and the runtime aborts the whole process (SIGABRT,
+        "Ran out of space to store intermediate outputs"); operator timings never need it.
+        """
         from executorch.devtools import Inspector
 
         tensors = self.ordered(inputs)
-        program = self._runtime.load_program(self.pte, enable_etdump=True, debug_buffer_size=int(1e7))
+        program = self._runtime.load_program(self.pte, enable_etdump=True, debug_buffer_size=0)
         method = program.load_method("forward")
         for _ in range(runs):
             method.execute(tensors)

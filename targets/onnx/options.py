@@ -1,0 +1,51 @@
+"""Options of the ``onnx`` and ``onnx-qnn`` targets, as plain data (no onnx / onnxruntime import)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from s2dit_deploy.socs import resolve_soc
+
+EXPORTERS = ("torchscript", "dynamo")
+# --quant names onnx-qnn resolves itself; without --quant it builds DEFAULT_QUANT (a float graph
+# is not what HTP runs through the QNN EP's QDQ path)
+QUANT_PRESETS = ("8a8w", "16a8w")
+DEFAULT_QUANT = "8a8w"
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """What ``OnnxTarget.compile`` takes (fp32 model on the CPU EP; ``--quant`` makes it QDQ)."""
+
+    precision: str = field(default="fp32", metadata={
+        "doc": "compute precision of the float model (ONNX Runtime CPU runs fp32)", "choices": ("fp32",)})
+    onnx_exporter: str = field(default="torchscript", metadata={
+        "doc": "torch.onnx exporter (torchscript gives the cleanest static graphs)", "choices": EXPORTERS})
+    calibration_samples: int = field(default=0, metadata={
+        "doc": "cap on recorded calibration calls per stage when quantizing (0 = all)"})
+
+    def __post_init__(self):
+        if self.calibration_samples < 0:
+            raise ValueError(f"calibration_samples must be >= 0, got {self.calibration_samples}")
+
+
+@dataclass(frozen=True)
+class OnnxQnnOptions:
+    """What ``OnnxQnnTarget.compile`` takes; quantization from ``--quant`` (default 8a8w)."""
+
+    QUANT_PRESETS = QUANT_PRESETS
+
+    soc: str = field(default="SM8750", metadata={
+        "doc": "Snapdragon SoC to build the QNN context binary for (SM8550, SM8650, SM8750, SM8850)"})
+    precision: str = field(default="fp16", metadata={
+        "doc": "compute precision of ops HTP runs in float", "choices": ("fp16",),
+        "hint": "quantization comes from --quant (8a8w, 16a8w or a plan)"})
+    onnx_exporter: str = field(default="torchscript", metadata={
+        "doc": "torch.onnx exporter", "choices": EXPORTERS})
+    calibration_samples: int = field(default=0, metadata={
+        "doc": "cap on recorded calibration calls per stage (0 = all)"})
+
+    def __post_init__(self):
+        object.__setattr__(self, "soc", resolve_soc(self.soc, flag="option soc").name)
+        if self.calibration_samples < 0:
+            raise ValueError(f"calibration_samples must be >= 0, got {self.calibration_samples}")

@@ -1,0 +1,41 @@
+"""Options of the ``executorch-qnn`` target, as plain data (no ExecuTorch / QNN import).
+
+``precision`` is the compute precision of float ops (HTP: fp16). Quantization comes from
+``--quant``: a QuantPlan, or one of ``QUANT_PRESETS`` (PT2E per-channel presets the target
+builds itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from s2dit_deploy.socs import resolve_soc
+
+# --quant names resolved by the QNN targets themselves (see lower.PRECISIONS)
+QUANT_PRESETS = ("8a8w", "16a8w", "16a4w", "8a4w", "16a16w")
+ACT_OBSERVERS = ("minmax", "moving_average", "histogram")
+
+
+@dataclass(frozen=True)
+class QnnOptions:
+    """What ``QnnTarget.compile`` takes."""
+
+    QUANT_PRESETS = QUANT_PRESETS  # not a field (no annotation): read by base.quant_presets
+
+    soc: str = field(default="SM8750", metadata={
+        "doc": "Snapdragon SoC to build for (SM8550, SM8650, SM8750 = Galaxy S25, SM8850)"})
+    precision: str = field(default="fp16", metadata={
+        "doc": "compute precision of float ops on HTP; quantize with --quant (8a8w, 16a8w, ... or a plan)",
+        "choices": ("fp16",), "hint": "quantization comes from --quant (8a8w, 16a8w, 16a4w, 8a4w, 16a16w or a plan)"})
+    profile: bool = field(default=False, metadata={
+        "doc": "compile with QNN detailed profiling so bench reports HTP emulator events"})
+    act_observer: str = field(default="minmax", metadata={
+        "doc": "activation observer when quantizing (minmax; QNN's default moving_average; histogram)",
+        "choices": ACT_OBSERVERS})
+    calibration_samples: int = field(default=0, metadata={
+        "doc": "cap on recorded calibration calls per stage (0 = all)"})
+
+    def __post_init__(self):
+        object.__setattr__(self, "soc", resolve_soc(self.soc, flag="option soc").name)
+        if self.calibration_samples < 0:
+            raise ValueError(f"calibration_samples must be >= 0, got {self.calibration_samples}")
