@@ -62,6 +62,6 @@ def test_not_a_bundle_and_corrupt_manifest(tmp_path):
 
 
 def test_unknown_target_name():
-    with pytest.raises(KeyError, match="unknown target 'tpu'.*coreml"):
+    with pytest.raises((KeyError, ValueError), match="unknown target 'tpu'.*coreml"):  # now a UsageError
         get_target("tpu")
     assert issubclass(TargetUnavailable, RuntimeError)

@@ -65,14 +65,17 @@ def test_failing_stage_leaves_no_bundle(tmp_path, monkeypatch):
         return real(module, example)
 
     monkeypatch.setattr(xt, "export_for_xnnpack", failing)
+    from s2dit_deploy.bundle import atomic_bundle
+
     out = tmp_path / "bundle"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous bundle")
+    with atomic_bundle(out, "executorch-xnnpack", {"name": "previous"}):
+        pass  # a previous (empty) bundle: the only kind of folder a compile may replace without --force
+    before = sorted(p.name for p in out.iterdir())
     with pytest.raises(RuntimeError, match="injected"):
         sd.compile("s2dit-tiny", target="executorch-xnnpack", out_dir=out, stages=("text_encoder", "decoder"),
                    progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no partial folder left behind
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # the previous bundle is untouched
+    assert sorted(p.name for p in out.iterdir()) == before  # the previous bundle is untouched
 
 
 def test_bad_option_fails_before_writing(tmp_path):
