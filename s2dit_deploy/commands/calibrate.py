@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from . import _checks
+
 NAME = "calibrate"
 
 
@@ -24,10 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="checkpoint folder instead of the bundled weights")
     p.add_argument("--target", default="coreml", help="target whose legal schemes to use (default coreml; 'fake' = all)")
     p.add_argument("--preset", default="w4a8-mixed", choices=PRESETS, help="preset (default w4a8-mixed)")
-    p.add_argument("--prompts", type=int, default=4, help="number of calibration prompts (default 4)")
-    p.add_argument("--chunks", type=int, default=2, help="chunks per calibration prompt (default 2)")
+    p.add_argument("--prompts", type=_checks.positive_int, default=4, help="number of calibration prompts (default 4)")
+    p.add_argument("--chunks", type=_checks.positive_int, default=2, help="chunks per calibration prompt (default 2)")
     p.add_argument("--steps", type=int, default=None, choices=(1, 2, 4), help="denoising steps per chunk")
-    p.add_argument("--calls", type=int, default=2, help="DiT calls scored per sensitivity measurement (default 2)")
+    p.add_argument("--calls", type=_checks.positive_int, default=2, help="DiT calls scored per sensitivity measurement (default 2)")
     p.add_argument("--range", dest="range_method", default="mse", choices=("minmax", "percentile", "mse"),
                    help="activation range method (default mse)")
     p.add_argument("--measure", default="int4-pc", help="weight schemes measured per layer (comma list)")
@@ -35,11 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="weight schemes estimated from the measured one (comma list; illegal ones are dropped)")
     p.add_argument("--budget-mb", type=float, default=None, help="DiT weight budget in MB (default: w4a8-uniform size)")
     p.add_argument("--avg-bits", type=float, default=None, help="DiT budget as average weight bits instead")
-    p.add_argument("--curve-points", type=int, default=6, help="points of the cumulative sensitivity curve")
+    p.add_argument("--curve-points", type=_checks.positive_int, default=6, help="points of the cumulative sensitivity curve")
     p.add_argument("--evaluate", action="store_true", help="also evaluate every preset on disjoint prompts")
     p.add_argument("--work", default=None, help="work folder (default build/quant/<model>)")
     p.add_argument("-o", "--out", default=None, help="plan path (default <work>/plan-<preset>-<target>.json)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_checks.positive_int, default=None,
                    help="torch intra-op threads (1 is much faster on a shared, loaded CPU)")
     return p
 
@@ -66,7 +68,9 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not 1 <= args.prompts <= len(CALIB_PROMPTS):
-        raise ValueError(f"--prompts must be 1..{len(CALIB_PROMPTS)}")
+        from s2dit_deploy.errors import UsageError
+
+        raise UsageError(f"--prompts must be 1..{len(CALIB_PROMPTS)}")
     ts = target_schemes(args.target)
     pipe = load_pipeline(args.model, args.checkpoint)
     name = pipe.config.name

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
     from s2dit_deploy import list_models
 
     models = list_models(with_flops=not args.no_flops)
-    header = f"{'name':<14}{'res':>9}{'DiT':>9}{'text':>9}{'decoder':>9}{'tokens':>8}{'FLOPs/step':>12}{'dense attn':>12}  weights"
+    header = f"{'name':<14}{'HxW':>9}{'DiT':>9}{'text':>9}{'decoder':>9}{'tokens':>8}{'FLOPs/step':>12}{'dense attn':>12}  weights"
     rows = [header]
     for m in models:
         p = m["params"]

@@ -1,37 +1,101 @@
-"""`s2dit-deploy validate`: PSNR of each compiled stage and of the decoded stream vs the float model."""
+"""`s2dit-deploy validate`: PSNR of each compiled stage and of the decoded stream vs the float model.
+
+Each stage is judged against its target's default floor for that artifact's precision (or
+``--floor``); below a floor the command exits 4 after printing the full table and verdicts.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+
+from . import _checks
 
 NAME = "validate"
+WORST_SHOWN = 5
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(NAME, help="check a bundle's fidelity against the float model", description=__doc__)
     p.add_argument("bundle", help="bundle folder written by `s2dit-deploy compile`")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights folder of a bundle compiled from a user checkpoint (its sha256 is checked)")
     p.add_argument("--prompt", default=None, help="prompt of the recorded float run")
-    p.add_argument("--chunks", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--floor", action="append", default=[], metavar="STAGE.OUTPUT=DB",
-                   help="fail (exit 2) below this PSNR, e.g. dit_step.velocity=60 or stream=30")
+    p.add_argument("--chunks", type=_checks.positive_int, default=2, help="chunks of the recorded run (default 2)")
+    p.add_argument("--seed", type=_checks.seed, default=0, help="RNG seed, 0..2**63-1 (default 0)")
+    p.add_argument("--floor", action="append", default=[], metavar="STAGE[.OUTPUT]=DB",
+                   help="override a floor (exit 4 below it): dit_step.velocity=60, decoder=30 or stream=30")
+    p.add_argument("--no-floors", action="store_true", help="report only; apply no default floors")
+    p.add_argument("--all-outputs", action="store_true",
+                   help=f"list every output (default: the {WORST_SHOWN} worst per stage and a count)")
     return p
 
 
-def run(args: argparse.Namespace) -> tuple[object, str]:
-    from s2dit_deploy.fidelity import DEFAULT_PROMPT, validate
+def parse_floors(items: list[str]) -> dict[str, float]:
+    from s2dit_deploy.errors import UsageError
 
     floors = {}
-    for f in args.floor:
-        key, sep, value = f.partition("=")
-        if not sep:
-            raise ValueError(f"--floor {f!r} must look like STAGE.OUTPUT=DB")
-        floors[key] = float(value)
-    report = validate(args.bundle, prompt=args.prompt or DEFAULT_PROMPT, num_chunks=args.chunks,
-                      seed=args.seed, floors=floors)
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            db = float(value)
+        except ValueError:
+            db = math.nan
+        if not sep or not key or not math.isfinite(db):
+            raise UsageError(f"--floor {item!r} must look like STAGE.OUTPUT=DB, STAGE=DB or stream=DB "
+                             "with DB a finite number")
+        floors[key] = db
+    return floors
+
+
+def _db(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "identical" if math.isinf(value) else f"{value:.2f} dB"
+
+
+def render(report: dict, all_outputs: bool = False) -> str:
     lines = [f"{report['bundle']} ({report['target']}, {report['model']})"]
     for stage, fid in report["stages"].items():
-        for out, db in fid["psnr_db"].items():
-            lines.append(f"  {stage:<13} {out:<28} PSNR {db:7.2f} dB  max err {fid['max_abs_err'][out]:.3g}")
-    lines.append(f"  decoded stream ({report['stream']['num_chunks']} chunks): PSNR {report['stream']['psnr_db']:.2f} dB")
-    return report, "\n".join(lines)
+        rows = sorted(fid["psnr_db"].items(), key=lambda kv: kv[1])
+        shown = rows if all_outputs or len(rows) <= WORST_SHOWN + 1 else rows[:WORST_SHOWN]
+        v = report.get("verdicts", {}).get(stage, {})
+        must = {*v.get("below_floor", {}), v.get("worst_output")} - {o for o, _ in shown} - {None}
+        shown = shown + [r for r in rows if r[0] in must]  # a failing output is always listed
+        for out, db in shown:
+            lines.append(f"  {stage:<13} {out:<28} PSNR {_db(db):>12}  max err {fid['max_abs_err'][out]:.3g}")
+        if len(shown) < len(rows):
+            rest = min(db for o, db in rows if o not in {o for o, _ in shown})
+            lines.append(f"  {stage:<13} ... {len(rows) - len(shown)} more outputs, all >= "
+                         f"{_db(rest)} (--all-outputs lists them)")
+    for note in report.get("notes", []):
+        lines.append(f"  {note}")
+    s = report["stream"]
+    lines.append(f"  decoded stream ({s['num_chunks']} chunks): PSNR {_db(s['psnr_db'])}")
+    verdicts = report.get("verdicts", {})
+    if verdicts:
+        lines.append("")
+    for stage, v in verdicts.items():
+        word = "PASS" if v["passed"] else "FAIL"
+        what = f"worst {v['worst_output']} " if v.get("worst_output") else ""
+        if v.get("floor_db") is None:
+            lines.append(f"{stage:<13} {word}  {what}{_db(v['worst_psnr_db'])} (no floor)")
+        else:
+            op = ">=" if v["passed"] else "<"
+            lines.append(f"{stage:<13} {word}  {what}{_db(v['worst_psnr_db'])} {op} floor {v['floor_db']:g} dB")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> tuple[object, str]:
+    from s2dit_deploy.fidelity import DEFAULT_PROMPT, FidelityError, validate
+
+    floors = parse_floors(args.floor)
+    try:
+        report = validate(args.bundle, prompt=args.prompt or DEFAULT_PROMPT, num_chunks=args.chunks,
+                          seed=args.seed, floors=floors, default_floors=not args.no_floors,
+                          checkpoint=args.checkpoint)
+    except FidelityError as exc:
+        if exc.report is not None:
+            exc.text = render(exc.report, args.all_outputs)
+        raise
+    return report, render(report, args.all_outputs)
