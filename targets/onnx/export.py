@@ -7,9 +7,12 @@ quantize). Shapes are all static (no dynamic axes), so every Reshape has a const
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,21 @@ _NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64":
 
 class OnnxExportError(RuntimeError):
     """A stage could not be exported to a clean static ONNX graph."""
+
+
+@contextlib.contextmanager
+def build_folder(out_dir: Path, stage_name: str) -> Iterator[Path]:
+    """A hidden work folder inside the bundle's partial folder (``out_dir``), removed on exit.
+
+    Not the system temp folder: a compile killed by SIGTERM/SIGKILL leaves its intermediate
+    models inside its own partial, which the next compile to that path removes."""
+    work = Path(out_dir) / f".{stage_name}.onnx-build"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def export_stage(stage: Stage, path: Path, exporter: str = "torchscript", opset: int = OPSET) -> dict[str, Any]:

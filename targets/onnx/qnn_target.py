@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,7 +37,7 @@ from s2dit_deploy.stages import Stage, TensorSpec
 from s2dit_deploy.targets.base import BaseTarget, QuantPreset, TargetOptionError
 
 from . import ort_qnn
-from .export import OrtRunner, export_stage
+from .export import OrtRunner, build_folder, export_stage
 from .options import DEFAULT_QUANT, QUANT_PRESETS, OnnxQnnOptions
 from .qdq import quantize_qdq
 
@@ -257,8 +256,7 @@ class OnnxQnnTarget(BaseTarget):
         ctx_rel, qdq_rel = f"{stage.name}.{soc.lower()}.ctx.onnx", f"{stage.name}.{soc.lower()}.qdq.onnx"
         t0 = time.perf_counter()
         graph_stage, rewrites, host = qnn_graph_stage(stage)
-        with tempfile.TemporaryDirectory(prefix="s2dit-onnx-qnn-") as tmp:
-            tmp = Path(tmp)
+        with build_folder(out_dir, stage.name) as tmp:  # inside the partial, never the system temp
             graph = export_stage(graph_stage, tmp / "float.onnx", opts.onnx_exporter)
             from onnxruntime.quantization.execution_providers.qnn import (
                 qnn_preprocess_model,

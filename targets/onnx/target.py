@@ -9,7 +9,6 @@ model (``s2dit_deploy.quant.onnx``), calibrated on recorded stage inputs (``pipe
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from s2dit_deploy.stages import Stage
 
 from s2dit_deploy.targets.base import BaseTarget
 
-from .export import OrtRunner, export_stage
+from .export import OrtRunner, build_folder, export_stage
 from .options import OnnxOptions
 from .qdq import quantize_qdq
 
@@ -43,11 +42,7 @@ class OnnxTarget(BaseTarget):
             from s2dit_deploy.targets.qnn.calibration import calibration_args
 
             plan.check_target(self.name)
-            # built inside the bundle's partial folder, so a killed compile leaves nothing elsewhere
-            work = Path(out_dir) / f".{stage.name}.onnx-build"
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            try:
+            with build_folder(out_dir, stage.name) as work:  # inside the partial, never the system temp
                 info = export_stage(stage, work / "float.onnx", exporter)
                 names = set(info["inputs"])
                 samples = [{n: a.numpy() for n, a in zip(stage.input_names, t) if n in names}
@@ -55,8 +50,6 @@ class OnnxTarget(BaseTarget):
                 quant = quantize_qdq(work / "float.onnx", work / rel, samples, "plan", plan, stage,
                                      plan_layers_only=True)
                 (work / rel).replace(Path(out_dir) / rel)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
         seconds = round(time.perf_counter() - t0, 2)
         log.info("%s: exported %d ONNX nodes in %.1fs (%s)", stage.name, info["nodes"], seconds, quant["precision"])
         return Artifact(stage=stage.name, target=self.name, files=[rel], contract=stage.contract(),
