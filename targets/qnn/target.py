@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from s2dit_deploy.bundle import Artifact
+from s2dit_deploy.quant.torchao_compat import import_torchao
 from s2dit_deploy.stages import Stage
 
 from s2dit_deploy.targets.base import BaseTarget, QuantPreset, Runner, TargetOptionError
@@ -34,6 +35,8 @@ from .options import QnnOptions
 from .rewrite import apply_host_inputs
 
 log = logging.getLogger(__name__)
+# ExecuTorch imports torchao: import it first, without the warnings of its CUDA-only kernels
+import_torchao()
 
 DEFAULT_SOC = QnnOptions.soc
 _NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from s2dit_deploy.bundle import Artifact
+from s2dit_deploy.quant.torchao_compat import import_torchao
 from s2dit_deploy.stages import Stage
 
 from .partition import delegation_stats, make_partitioner
@@ -31,6 +32,8 @@ from .quantize import SCHEMES, apply_quant_plan, quantize_module
 from .runtime import XnnpackRunner
 
 log = logging.getLogger(__name__)
+# ExecuTorch imports torchao: import it first, without the warnings of its CUDA-only kernels
+import_torchao()
 
 NAME = "executorch-xnnpack"
 DEFAULT_CALIBRATION_BATCHES = XnnpackOptions.calibration_batches
