@@ -286,8 +286,6 @@ def test_concurrent_finishers_leave_one_good_bundle_and_no_old_folders(tmp_path)
 # ------------------------------------------------------------------ item 17: portable manifest, per-stage RSS
 
 def test_checkpoint_record_holds_no_path(tmp_path, monkeypatch):
-    from s2dit_deploy.model_zoo import checkpoint
-
     monkeypatch.setattr(compiler, "checkpoint_digest", lambda f: "a" * 64)
     folder = tmp_path / "my-ckpt"
     rec = compiler.checkpoint_record(str(folder), None, folder)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from s2dit_deploy.socs import resolve_soc
+from s2dit_deploy.targets.option_checks import canonical_soc, require_at_least
 
 EXPORTERS = ("torchscript", "dynamo")
 # --quant names onnx-qnn resolves itself; without --quant it builds DEFAULT_QUANT (a float graph
@@ -25,8 +25,7 @@ class OnnxOptions:
         "doc": "cap on recorded calibration calls per stage when quantizing (0 = all)"})
 
     def __post_init__(self):
-        if self.calibration_samples < 0:
-            raise ValueError(f"calibration_samples must be >= 0, got {self.calibration_samples}")
+        require_at_least(self, "calibration_samples", 0)
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,5 @@ class OnnxQnnOptions:
         "doc": "cap on recorded calibration calls per stage (0 = all)"})
 
     def __post_init__(self):
-        object.__setattr__(self, "soc", resolve_soc(self.soc, flag="option soc").name)
-        if self.calibration_samples < 0:
-            raise ValueError(f"calibration_samples must be >= 0, got {self.calibration_samples}")
+        canonical_soc(self)
+        require_at_least(self, "calibration_samples", 0)

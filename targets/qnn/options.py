@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from s2dit_deploy.socs import resolve_soc
+from s2dit_deploy.targets.option_checks import canonical_soc, require_at_least
 
 # --quant names resolved by the QNN targets themselves (see lower.PRECISIONS)
 QUANT_PRESETS = ("8a8w", "16a8w", "16a4w", "8a4w", "16a16w")
@@ -36,6 +36,5 @@ class QnnOptions:
         "doc": "cap on recorded calibration calls per stage (0 = all)"})
 
     def __post_init__(self):
-        object.__setattr__(self, "soc", resolve_soc(self.soc, flag="option soc").name)
-        if self.calibration_samples < 0:
-            raise ValueError(f"calibration_samples must be >= 0, got {self.calibration_samples}")
+        canonical_soc(self)
+        require_at_least(self, "calibration_samples", 0)

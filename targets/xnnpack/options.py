@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from s2dit_deploy.targets.option_checks import require_at_least
+
 # kept equal to quantize.SCHEMES (tests/test_target_options.py checks it) without importing torch
 SCHEMES = ("none", "int8", "int8-dynamic", "8da4w")
 
@@ -22,5 +24,4 @@ class XnnpackOptions:
         "doc": "also write <stage>.etrecord so bench profiles name the delegated ops"})
 
     def __post_init__(self):
-        if self.calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be a positive int, got {self.calibration_batches!r}")
+        require_at_least(self, "calibration_batches", 1)
