@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -149,28 +149,78 @@ def check_headers(folder: str | os.PathLike, stage: str, expected: dict[str, tor
     return path
 
 
-def load_state(folder: str | os.PathLike, stage: str, module: nn.Module) -> None:
-    """Fill ``module`` from ``folder/<stage>.safetensors`` after checking names, shapes, dtypes and values.
+_FINITE_BLOCK = 1 << 20  # elements checked at a time: small temporaries, none kept by the allocator
 
-    Values are checked for NaN/inf after the cast to the module's dtype: f64 weights beyond the
-    fp32 range would otherwise load as inf and render a black video.
+
+def all_finite(t: torch.Tensor) -> bool:
+    """``torch.isfinite(t).all()`` in blocks, so checking a 50 MB tensor allocates ~1 MB at a time."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(block).all()) for block in flat.split(_FINITE_BLOCK))
+
+
+def stored_dtype(path: Path, expected: dict[str, torch.Tensor]) -> torch.dtype:
+    """The float dtype a stage loads in when the caller does not ask for one: the one the
+    checkpoint stores (the most common by elements when mixed), with F64 read as fp32."""
+    counts: dict[torch.dtype, int] = {}
+    with safe_open(str(path), framework="pt") as fh:
+        for k in fh.keys():
+            if k in expected and expected[k].is_floating_point():
+                sl = fh.get_slice(k)
+                dtype = _FLOAT_DTYPES.get(sl.get_dtype(), torch.float32)
+                dtype = torch.float32 if dtype == torch.float64 else dtype
+                counts[dtype] = counts.get(dtype, 0) + int(torch.Size(sl.get_shape()).numel())
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def load_state(folder: str | os.PathLike, stage: str, module: nn.Module, dtype: torch.dtype | None = None
+               ) -> torch.dtype:
+    """Fill ``module`` (typically built on the meta device) from ``folder/<stage>.safetensors``.
+
+    Names, shapes and dtypes are checked against the header first. Tensors come from
+    ``safe_open``, which maps the file (safetensors >= 0.4 hands back file-backed tensors, no
+    copy), and are assigned into the module (``load_state_dict(assign=True)``): a stored dtype
+    equal to the load dtype stays the one mapped copy; other dtypes are cast tensor by tensor.
+    ``dtype`` None loads in the stored dtype (``stored_dtype``). Values are checked for NaN/inf
+    tensor by tensor after the cast (f64 beyond the fp32 range would load as inf and render a
+    black video). Returns the dtype the floating tensors now have. The mapping is private
+    (in-place updates copy the page, the file never changes); the file must not be rewritten in
+    place while the module lives (every writer here replaces the folder atomically instead).
     """
     expected = module.state_dict()
     path = check_headers(folder, stage, expected)
+    dtype = dtype or stored_dtype(path, expected)
     state: dict[str, torch.Tensor] = {}
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            for k in fh.keys():
-                value = fh.get_tensor(k).to(expected[k].dtype)
-                if value.is_floating_point() and not torch.isfinite(value).all():
+        base, entries = _read_header(path)
+        with safe_open(str(path), framework="pt") as mapped, open(path, "rb") as raw:
+            for k in mapped.keys():
+                want = dtype if expected[k].is_floating_point() else expected[k].dtype
+                stored = {**_FLOAT_DTYPES, **_INT_DTYPES}[entries[k]["dtype"]]
+                if stored == want:
+                    value = mapped.get_tensor(k)  # file-backed: the one copy
+                else:  # read and cast this tensor only, so the mapped pages never sit beside the cast copy
+                    start, end = entries[k]["data_offsets"]
+                    raw.seek(base + start)
+                    data = bytearray(raw.read(end - start))
+                    value = torch.frombuffer(data, dtype=stored).reshape(entries[k]["shape"]).to(want)
+                    del data
+                if value.is_floating_point() and not all_finite(value):
                     raise CheckpointError(
-                        f"{path} holds NaN/inf values in {k!r} (as {expected[k].dtype}); the checkpoint is "
+                        f"{path} holds NaN/inf values in {k!r} (as {want}); the checkpoint is "
                         "corrupt or its values overflow the model dtype"
                     )
                 state[k] = value
-    except (SafetensorError, OSError, RuntimeError) as exc:
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-export or re-download it") from exc
-    module.load_state_dict(state)
+    module.load_state_dict(state, assign=True)
+    return dtype
+
+
+def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the data, header entries) of a safetensors file (already validated by safe_open)."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return 8 + n, json.loads(fh.read(n))
 
 
 @contextlib.contextmanager
@@ -200,11 +250,16 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def config_text(config: ModelConfig) -> str:
+    """config.json as every checkpoint writer writes it."""
+    return json.dumps(config.to_dict(), indent=2) + "\n"
+
+
 def save_checkpoint(folder: str | os.PathLike, config: ModelConfig, modules: dict[str, nn.Module],
                     dtype: torch.dtype | None = None) -> Path:
     """Write config.json and one safetensors file per stage atomically (temp folder + rename)."""
     with atomic_folder(folder) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(config_text(config))
         for stage, module in modules.items():
             state = {
                 k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
@@ -213,3 +268,71 @@ def save_checkpoint(folder: str | os.PathLike, config: ModelConfig, modules: dic
             save_file(state, str(tmp / STAGE_FILES[stage]), metadata={"stage": stage, "model": config.name})
     log.info("saved checkpoint %s", folder)
     return Path(folder)
+
+
+def is_checkpoint_dir(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` holds a valid config.json and nothing but checkpoint files, so that
+    replacing it whole loses no file of the user's."""
+    folder = Path(folder)
+    allowed = {CONFIG_FILE, "MODEL_CARD.md", *STAGE_FILES.values()}
+    try:
+        names = {p.name for p in folder.iterdir()}
+        read_config(folder)
+    except (OSError, CheckpointError):
+        return False
+    return names <= allowed
+
+
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+              torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32",
+              torch.int64: "I64", torch.bool: "BOOL"}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(_DIGEST_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_safetensors(path: str | os.PathLike, header: list[tuple[str, tuple, torch.dtype]],
+                      tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
+                      ) -> tuple[int, str]:
+    """Stream tensors into a safetensors file whose header is known up front; (bytes, sha256).
+
+    ``save_file`` needs every tensor in memory at once; this writes the header (8-byte length,
+    JSON padded to 8 bytes, as safetensors does) and then each tensor's bytes as it arrives, so a
+    1.8B-parameter stage is written with one tensor in memory. Tensors must come in ``header``
+    order with the declared shape and dtype; alignment holds because entries are sorted by
+    element size, largest first (as safetensors sorts them)."""
+    order = sorted(range(len(header)), key=lambda i: -header[i][2].itemsize)
+    if order != sorted(order):
+        raise ValueError("header entries must be sorted by element size, largest first")
+    entries: dict[str, Any] = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for name, shape, dtype in header:
+        nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+        entries[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as fh:
+        for chunk in (len(text).to_bytes(8, "little"), text):
+            fh.write(chunk)
+            digest.update(chunk)
+        seen = 0
+        for (name, shape, dtype), (got, tensor) in zip(header, tensors, strict=True):
+            if got != name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"{path}: tensor {got!r} {tuple(tensor.shape)} {tensor.dtype} arrived where "
+                                 f"the header declares {name!r} {tuple(shape)} {dtype}")
+            raw = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            fh.write(raw)
+            digest.update(raw)
+            seen += len(raw)
+        if seen != offset:
+            raise ValueError(f"{path}: wrote {seen} data bytes, the header declares {offset}")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return 8 + len(text) + offset, digest.hexdigest()

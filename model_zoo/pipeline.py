@@ -95,12 +95,16 @@ class Pipeline:
 
 
 def load_pipeline(name: str, checkpoint: str | os.PathLike | None = None,
-                  height: int | None = None, width: int | None = None) -> Pipeline:
-    """Pipeline of a registered model (bundled weights) or a checkpoint folder."""
+                  height: int | None = None, width: int | None = None,
+                  dtype: torch.dtype | None = None) -> Pipeline:
+    """Pipeline of a registered model (bundled weights) or a checkpoint folder.
+
+    Weights load lazily in the checkpoint's dtype (``registry.load_stage``); ``dtype`` casts
+    them (e.g. torch.float32 for an fp32 reference of an fp16 checkpoint)."""
     config, folder = resolve(name, checkpoint)
     if height or width:
         config = config.with_resolution(height or config.height, width or config.width)
         config.latent_hw  # validates
         config.dit.token_grid(config.stream.chunk_frames, *config.latent_hw)
-    stages = {s: load_stage(config, folder, s) for s in ("text_encoder", "dit", "decoder")}
+    stages = {s: load_stage(config, folder, s, dtype=dtype) for s in ("text_encoder", "dit", "decoder")}
     return Pipeline(config, stages["text_encoder"], stages["dit"], stages["decoder"])

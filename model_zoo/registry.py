@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, check_headers, load_state, read_config
+from .checkpoint import (STAGE_FILES, CheckpointError, check_headers, load_state, read_config, recover_folder,
+                         stored_dtype)
 from ..errors import UsageError
+from .compute_dtype import LOW_PRECISION, compute_in_fp32
 from .config import ConfigError, DecoderConfig, DiTConfig, ModelConfig, TextEncoderConfig
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,9 @@ class ModelCard:
     intended_use: str
     deploy_height: int | None = None
     deploy_width: int | None = None
+    # dtype the bundled weights run in when the caller asks for none; None: as stored. s2dit-small
+    # ships fp16 files (half the repo size) but was trained, validated and always run in fp32.
+    bundled_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         folder = self.bundled_weights
@@ -98,7 +103,7 @@ CARDS: dict[str, ModelCard] = {
             description=("6 groups (LLSSLL), width 192: the bundled default demo, trained at 32x64 (HxW); "
                          "deploy resolution 192x320 (compile --resolution 192x320)."),
             intended_use="default demo, quantization and compile experiments on a laptop CPU",
-            deploy_height=192, deploy_width=320,
+            deploy_height=192, deploy_width=320, bundled_dtype=torch.float32,
         ),
         ModelCard(
             ModelConfig(
@@ -163,34 +168,95 @@ def build_stage(config: ModelConfig, stage: str) -> nn.Module:
     raise ValueError(f"unknown stage {stage!r}; stages are dit, text_encoder, decoder")
 
 
-def _precheck(config: ModelConfig, folder: Path | None, stage: str) -> None:
+def _precheck(config: ModelConfig, folder: Path | None, stage: str) -> nn.Module:
     """Fail before allocating: build on the meta device, then compare with the weights' headers
-    (or, for seeded stages, bound the parameter count)."""
+    (or, for seeded stages, bound the parameter count). Returns the meta module."""
     with torch.device("meta"):
         meta = build_stage(config, stage)
     if folder is not None:
         check_headers(folder, stage, meta.state_dict())
-        return
+        return meta
     count = sum(p.numel() for p in meta.parameters())
     if count > MAX_STAGE_PARAMS:
         raise ConfigError(f"{config.name}: the {stage} stage would have {count:,} parameters "
                           f"(> MAX_STAGE_PARAMS = {MAX_STAGE_PARAMS:,}); check the config's sizes")
+    return meta
 
 
-def load_stage(config: ModelConfig, folder: Path | None, stage: str, seed: int = 0) -> nn.Module:
-    """Build a stage and fill it from ``folder``; without a folder use a fixed-seed init.
+def _clip_position_ids(module: nn.Module) -> torch.Tensor:
+    return torch.arange(module.position_embedding.num_embeddings).expand((1, -1))
 
-    Shapes are checked against the safetensors headers (or a size bound) before the real build.
+
+# Buffers that are not in a state dict (persistent=False) but computed in __init__: after a meta
+# build they hold no values, so they are recomputed the way the module's constructor does.
+# Checked against real builds in tests/test_lazy_load.py; a meta buffer without a rule is an error.
+NON_PERSISTENT_BUFFERS = {("CLIPTextEmbeddings", "position_ids"): _clip_position_ids}
+
+
+def _fill_meta_buffers(module: nn.Module, stage: str) -> None:
+    for mod_name, mod in module.named_modules():
+        for name, buf in list(mod.named_buffers(recurse=False)):
+            if buf is None or not buf.is_meta:
+                continue
+            rule = NON_PERSISTENT_BUFFERS.get((type(mod).__name__, name))
+            if rule is None:
+                raise RuntimeError(f"{stage}: buffer {mod_name}.{name} of {type(mod).__name__} is not in the "
+                                   "checkpoint and has no rule in registry.NON_PERSISTENT_BUFFERS")
+            setattr(mod, name, rule(mod).to(buf.dtype))
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{stage}: tensors still on the meta device after loading: {left[:5]}")
+
+
+def default_dtype(folder: Path | None) -> torch.dtype | None:
+    """The dtype a stage loads in when the caller asks for none: a card's ``bundled_dtype`` for its
+    bundled folder, else None (as the checkpoint stores it)."""
+    if folder is None:
+        return None
+    real = Path(folder).resolve()
+    for card in CARDS.values():
+        if card.bundled_weights is not None and card.bundled_weights.resolve() == real:
+            return card.bundled_dtype
+    return None
+
+
+def load_dtypes(config: ModelConfig, folder: Path | None, dtype: torch.dtype | None = None
+                ) -> dict[str, torch.dtype]:
+    """The dtype each stage would load in (from the headers, nothing loaded): for the memory
+    budget check before a compile."""
+    out = {}
+    for stage in ("dit", "text_encoder", "decoder"):
+        if folder is None:
+            out[stage] = dtype or torch.float32
+            continue
+        meta = _precheck(config, folder, stage)
+        path = recover_folder(folder) / STAGE_FILES[stage]
+        out[stage] = dtype or default_dtype(folder) or stored_dtype(path, meta.state_dict())
+    return out
+
+
+def load_stage(config: ModelConfig, folder: Path | None, stage: str, seed: int = 0,
+               dtype: torch.dtype | None = None) -> nn.Module:
+    """Build a stage and fill it from ``folder``; without a folder use a fixed-seed fp32 init.
+
+    With weights, the module is built on the meta device and its tensors are the checkpoint's
+    own, mapped from the safetensors file (one copy, in the stored dtype unless ``dtype`` or the
+    card's ``bundled_dtype`` says otherwise). Shapes are checked against the headers (or a size
+    bound) before any allocation.
     """
-    _precheck(config, folder, stage)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = build_stage(config, stage)
+    meta = _precheck(config, folder, stage)
     if folder is None:
         log.warning("%s: no trained %s weights are bundled; using a seed-%d random init", config.name, stage, seed)
-    else:
-        load_state(folder, stage, module)
-    return module.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = build_stage(config, stage)
+        return module.eval() if dtype is None else module.to(dtype).eval()
+    loaded = load_state(folder, stage, meta, dtype or default_dtype(folder))
+    _fill_meta_buffers(meta, stage)
+    if loaded in LOW_PRECISION:  # stored in fp16/bf16, computed in fp32 on the host (compute_dtype.py)
+        compute_in_fp32(meta)
+    log.info("%s: loaded %s from %s as %s", config.name, stage, folder, loaded)
+    return meta.eval()
 
 
 def load_model(name: str, checkpoint: str | os.PathLike | None = None) -> nn.Module:
@@ -203,4 +269,5 @@ def list_cards() -> list[ModelCard]:
     return list(CARDS.values())
 
 
-__all__ = ["CARDS", "CheckpointError", "ModelCard", "get_card", "list_cards", "load_model", "load_stage", "resolve"]
+__all__ = ["CARDS", "CheckpointError", "ModelCard", "default_dtype", "get_card", "list_cards", "load_dtypes",
+           "load_model", "load_stage", "resolve"]

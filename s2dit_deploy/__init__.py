@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "bench", "compile", "list_models", "load_model", "load_pipeline", "validate"]
+__all__ = ["__version__", "bench", "compile", "init_checkpoint", "list_models", "load_model", "load_pipeline",
+           "validate"]
 _API = frozenset(__all__) - {"__version__"}
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
-    from .api import bench, compile, list_models, load_model, load_pipeline, validate  # noqa: F401
+    from .api import bench, compile, init_checkpoint, list_models, load_model, load_pipeline, validate  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

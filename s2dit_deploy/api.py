@@ -76,3 +76,44 @@ def bench(bundle: Any, repeats: int = 20, warmup: int = 3, **kwargs: Any) -> dic
 def load_pipeline(name: str, checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> Pipeline:
     """Text encoder + S2DiT + decoder + streaming sampler, ready to ``generate``."""
     return _load_pipeline(name, checkpoint, **kwargs)
+
+
+def _checkpoint_output(out_dir: str | os.PathLike, force: bool):
+    """The resolved folder ``init`` may write: missing, empty, or a checkpoint folder (nothing but
+    checkpoint files: it is replaced whole); anything else only with ``force`` (exit 3)."""
+    from .bundle import check_output_path
+    from .errors import OutputExistsError
+    from .model_zoo.checkpoint import is_checkpoint_dir
+
+    path = check_output_path(out_dir, force=True)  # protected paths (/, home, cwd) are refused even so
+    if force:
+        return path
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise OutputExistsError(f"--out {path} is an existing file, not a checkpoint folder; choose another "
+                                "path or pass --force to replace it")
+    if path.is_dir() and any(path.iterdir()) and not is_checkpoint_dir(path):
+        raise OutputExistsError(f"--out {path} holds files that are not a s2dit-deploy checkpoint; choose "
+                                "another folder or pass --force to replace it")
+    return path
+
+
+def init_checkpoint(name: str, out_dir: str | os.PathLike, seed: int = 0, dtype: str = "fp16",
+                    force: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Write a seeded checkpoint folder for a registered model (``s2dit-deploy init``).
+
+    Returns {model, path, dtype, seed, files: [{name, bytes, sha256}], params, seconds}."""
+    import time
+
+    from .model_zoo.init_weights import DTYPES
+    from .model_zoo.init_weights import init_checkpoint as _init
+
+    card = registry.get_card(name)
+    if dtype not in DTYPES:
+        from .errors import UsageError
+
+        raise UsageError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    out = _checkpoint_output(out_dir, force)
+    t0 = time.perf_counter()
+    result = _init(card.config, out, seed=seed, dtype=dtype, progress=progress)
+    return {"model": card.name, "path": str(out), "dtype": dtype, "seed": seed, "files": result["files"],
+            "params": result["params"], "seconds": round(time.perf_counter() - t0, 3)}

@@ -11,6 +11,11 @@ Every target compiles the same three graphs:
 
 The wrapper modules take and return positional tensors only, so ``torch.export`` sees a plain
 signature; names live in ``Stage.inputs`` / ``Stage.outputs``.
+
+The contract is fp32 whatever the weights' dtype: a wrapper of an fp16 / bf16 module casts its
+floating inputs to the module's dtype on entry and its floating outputs to fp32 on exit. ``t``
+stays fp32 (the DiT builds its sinusoidal features from fp32 t; fp16 t would be off by ~1e-4,
+i.e. ~0.1 rad at t * 1000).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .model_zoo.compute_dtype import compute_dtype
 from .model_zoo.config import ModelConfig
 from .model_zoo.pipeline import Pipeline
 from .model_zoo.rope import rope_cos_sin
@@ -76,13 +82,27 @@ class Stage:
         return dict(zip(self.output_names, outs))
 
 
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a module computes in: fp32 for fp16/bf16 weights widened layer by layer on the host
+    (``model_zoo.compute_dtype``), else its parameters' dtype (fp32 when it has none)."""
+    return compute_dtype(module)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+
+
+def _fp32(outs) -> tuple[torch.Tensor, ...]:
+    return tuple(_cast(o, torch.float32) for o in outs)
+
+
 class TextEncoderStage(nn.Module):
     def __init__(self, text_encoder: nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.text_encoder(input_ids.long()),)
+        return _fp32((self.text_encoder(input_ids.long()),))
 
 
 class DiTStepStage(nn.Module):
@@ -95,10 +115,14 @@ class DiTStepStage(nn.Module):
         self.entry_keys = [k for k in self.cache_keys if k != "window_valid"]
 
     def forward(self, x, t, context, hi_cos, hi_sin, lo_cos, lo_sin, *cache):
+        dt = module_dtype(self.dit)
+        x, context, hi_cos, hi_sin, lo_cos, lo_sin = (
+            _cast(a, dt) for a in (x, context, hi_cos, hi_sin, lo_cos, lo_sin))
+        cache = [_cast(c, dt) for c in cache]
         v, entries = self.dit.step(
             x, t, context, dict(zip(self.cache_keys, cache)), rope=(hi_cos, hi_sin, lo_cos, lo_sin)
         )
-        return (v, *(entries[k] for k in self.entry_keys))
+        return _fp32((v, *(entries[k] for k in self.entry_keys)))
 
 
 class DecoderStage(nn.Module):
@@ -107,8 +131,9 @@ class DecoderStage(nn.Module):
         self.decoder = decoder
 
     def forward(self, z, *cache):
-        video, new = self.decoder(z, list(cache))
-        return (video, *new)
+        dt = module_dtype(self.decoder)
+        video, new = self.decoder(_cast(z, dt), [_cast(c, dt) for c in cache])
+        return _fp32((video, *new))
 
 
 def rope_inputs(config: ModelConfig, frame_offset: int) -> dict[str, torch.Tensor]:

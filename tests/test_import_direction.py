@@ -40,7 +40,7 @@ SIDE_MAY_IMPORT = 2
 RANKS = {  # longest matching prefix (after "s2dit_deploy.") wins
     "errors": 0, "socs": 0, "metrics": 0, "manifest_schema": 0,
     "model_zoo": 1,
-    "stages": 2, "recording": 2, "bundle": 2, "video_io": 2, "weights_source": 2,
+    "stages": 2, "recording": 2, "bundle": 2, "video_io": 2, "weights_source": 2, "memory_budget": 2,
     "rewrites": 3, "analysis": 3,
     "quant": 4,
     "targets": 5,
