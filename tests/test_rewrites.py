@@ -79,11 +79,14 @@ def test_dit_step_rewrite_equals_float_tiny(opts):
     ds = rewrite_stage(stage, opts)
     err = max_abs_error(stage.run_float(named), ds.run_host(named))
     assert max(err.values()) <= TOL, sorted(err.items(), key=lambda kv: -kv[1])[:3]
-    # the float model is untouched, and shares no parameter storage with the rewrite
+    # the float model is untouched, and the rewrite holds no second copy of its big weights
+    # (views through the load hooks: a paper-scale DiT must fit in memory once)
     after = pipe.dit.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    ptrs = {p.data_ptr() for p in pipe.dit.parameters()}
-    assert not ptrs & {p.data_ptr() for p in ds.module.parameters()}
+    ptrs = {p.untyped_storage().data_ptr() for p in pipe.dit.parameters()}
+    rewritten = {n: p for n, p in ds.module.named_parameters() if p.dim() >= 2 and "local" not in n}
+    shared = [n for n, p in rewritten.items() if p.untyped_storage().data_ptr() in ptrs]
+    assert len(shared) >= 0.9 * len(rewritten), sorted(set(rewritten) - set(shared))[:5]
 
 
 def test_dit_step_rewrite_catches_a_wrong_weight():
@@ -92,8 +95,8 @@ def test_dit_step_rewrite_catches_a_wrong_weight():
     stage = build_stages(pipe, ("dit_step",))["dit_step"]
     named = stream_inputs(pipe, stage)
     ds = rewrite_stage(stage)
-    with torch.no_grad():
-        ds.module.dit.sandwich.groups[0]["high"][0].attn.k.weight.mul_(1.01)
+    k = ds.module.dit.sandwich.groups[0]["high"][0].attn.k  # replaced, not scaled in place: shared storage
+    k.weight = torch.nn.Parameter(k.weight.detach() * 1.01)
     err = max_abs_error(stage.run_float(named), ds.run_host(named))
     assert max(err.values()) > 10 * TOL
 

@@ -239,9 +239,12 @@ def rewrite_dit(model: nn.Module, grid: tuple[int, int, int], window: int,
     """A new ANE-layout S2DiT with ``model``'s weights (the input is not modified)."""
     if getattr(model.cfg, "search", False):
         raise ValueError("the ANE rewrite needs a fixed layout; derive one from the search routers first")
-    param = next(model.parameters())
-    ane = AneS2DiT(model.cfg, grid, window, opts).to(dtype=param.dtype)
-    ane.load_state_dict(model.state_dict(), strict=True)
+    # Built on the meta device and filled with assign=True: the pre-hooks' reshapes are views, so
+    # the rewrite shares the float model's weight memory (one copy of a 1.8B model, not two). The
+    # result must therefore never be modified in place; fold_schedule only adds new tables.
+    with torch.device("meta"):
+        ane = AneS2DiT(model.cfg, grid, window, opts)
+    ane.load_state_dict(model.state_dict(), strict=True, assign=True)
     if opts.fold_schedule is not None:
         ane.fold_schedule(tuple(opts.fold_schedule))
     return ane.eval()

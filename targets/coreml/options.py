@@ -25,6 +25,20 @@ class CoreMLOptions:
     compute_units: str = field(default="ALL", metadata={
         "doc": "Core ML compute units", "choices": ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")})
 
+    chunks: int = field(default=0, metadata={
+        "doc": "split dit_step into this many chained programs along its groups (ml-stable-diffusion's "
+               "--chunk-unet); 0 = as few as keep each chunk under chunk_mb of fp16 weights"})
+    chunk_mb: float = field(default=1000.0, metadata={
+        "doc": "largest chunk's fp16 weights in MB when chunks=0 (a weight.bin over 2 GiB fails to load "
+               "on the device; ml-stable-diffusion keeps chunks near 1 GB)"})
+
+    def __post_init__(self) -> None:
+        from s2dit_deploy.targets.option_checks import require_at_least
+
+        require_at_least(self, "chunks", 0)
+        if not self.chunk_mb > 0:
+            raise ValueError(f"chunk_mb must be > 0, got {self.chunk_mb!r}")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> CoreMLOptions:
         from s2dit_deploy.targets.base import parse_options

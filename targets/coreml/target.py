@@ -11,6 +11,7 @@ reference executor, so callers feed and read the float contract's tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -25,6 +26,7 @@ from s2dit_deploy.rewrites.device_io import IOMap, maps_from_json, maps_to_json
 from s2dit_deploy.stages import Stage
 from s2dit_deploy.targets.base import BaseTarget, Runner, TargetUnavailable
 
+from .chunks import device_parts, load_chained, merge_quant_summaries
 from .convert import convert, device_stage, metadata_for, peak_rss_mb
 from .options import CoreMLOptions
 
@@ -83,29 +85,49 @@ class CoreMLTarget(BaseTarget):
     options_cls = CoreMLOptions
     capabilities = frozenset()
 
+    def float_stage(self, stage: Stage) -> Stage:
+        """As is: the ANE rewrite shares the stored weights and ``device_parts`` promotes one
+        chunk at a time to fp32 (a paper-scale DiT never exists whole in fp32)."""
+        return stage
+
     def compile(self, stage: Stage, plan: Any, out_dir: Path, options: dict[str, Any] | None = None) -> Artifact:
         opts = self.parse_options(options)
         t0 = time.time()
         dstage = device_stage(stage, opts)
-        extra = {"quant": None if plan is None else getattr(plan, "name", "plan")}
-        mlmodel = convert(dstage, opts, metadata_for(stage, dstage, opts, extra))
-        mlmodel, quant_summary = apply_quant_plan(mlmodel, plan, stage.name)
-        mlmodel.short_description = f"s2dit {stage.name} ({dstage.layout})"
-        fname = f"{stage.name}.mlpackage"
-        mlmodel.save(str(Path(out_dir) / fname))
+        extra = {"quant": None if plan is None else getattr(plan, "name", None) or "plan"}
+        files, summaries, node_blocks, pieces = [], [], {}, []
+        for part, chunk in device_parts(stage, dstage, opts):
+            meta_k = metadata_for(stage, dstage, opts, {**extra, **({"chunk": chunk} if chunk else {})})
+            mlmodel = convert(part, opts, meta_k)
+            node_blocks.update(part.node_blocks)
+            mlmodel, summary = apply_quant_plan(mlmodel, plan, stage.name)
+            summaries.append(summary)
+            k = len(files)
+            mlmodel.short_description = f"s2dit {stage.name} ({dstage.layout})" + (f", chunk {k}" if chunk else "")
+            fname = f"{stage.name}.{k}.mlpackage" if chunk else f"{stage.name}.mlpackage"
+            mlmodel.save(str(Path(out_dir) / fname))
+            files.append(fname)
+            if chunk:
+                pieces.append(chunk)
+            del mlmodel, part  # one program's converter copies at a time
+        dstage.node_blocks = node_blocks
         seconds = time.time() - t0
-        log.info("coreml: %s compiled in %.1f s (peak RSS %.0f MB)", stage.name, seconds, peak_rss_mb())
+        log.info("coreml: %s compiled in %.1f s as %d program(s) (peak RSS %.0f MB)", stage.name, seconds,
+                 len(files), peak_rss_mb())
         meta = {
             "layout": dstage.layout,
             "device_io": {"inputs": maps_to_json(dstage.inputs), "outputs": maps_to_json(dstage.outputs)},
-            "options": json.loads(mlmodel.user_defined_metadata["s2dit.options"]),
+            "options": json.loads(json.dumps({f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)})),
             "deployment_target": opts.deployment_target,
             "compute_precision": opts.precision,
             "compute_units": opts.compute_units,
             "caches": "explicit inputs/outputs (see targets/coreml/convert.py)",
             "convert_seconds": round(seconds, 2),
         }
-        return Artifact(stage.name, self.name, [fname], stage.contract(), quant_summary, meta)
+        if pieces:
+            meta["chunks"] = pieces
+        quant_summary = summaries[0] if len(summaries) == 1 else merge_quant_summaries(summaries)
+        return Artifact(stage.name, self.name, files, stage.contract(), quant_summary, meta)
 
     def check_plan(self, artifact: Artifact, bundle_dir: Path, plan: Any) -> list[str]:
         """Quantized plan layers the translation found no weight for (from the quant summary)."""
@@ -118,8 +140,12 @@ class CoreMLTarget(BaseTarget):
             from s2dit_deploy.targets.coreml.executor import load_program
         except ImportError as exc:
             raise TargetUnavailable("the Core ML reference executor is not available in this version") from exc
-        program = load_program(str(Path(bundle_dir) / artifact.files[0]))
         io = artifact.metadata["device_io"]
+        if artifact.metadata.get("chunks"):
+            program = load_chained(Path(bundle_dir), list(artifact.files), artifact.metadata["chunks"],
+                                   [m["device_name"] for m in io["outputs"]])
+        else:
+            program = load_program(str(Path(bundle_dir) / artifact.files[0]))
         io_dtype = artifact.metadata.get("options", {}).get("io_dtype", "fp16")
         return CoreMLRunner(program, maps_from_json(io["inputs"]), maps_from_json(io["outputs"]), io_dtype)
 
