@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from .bundle import Bundle, atomic_bundle, check_output_path
 from .errors import CompileCheckError, ToolchainUnavailable
+from .memory_budget import check_memory_budget
 from .model_zoo.checkpoint import checkpoint_digest
 from .model_zoo.pipeline import load_pipeline
-from .model_zoo.registry import CARDS, resolve
+from .model_zoo.registry import CARDS, load_dtypes, resolve
 from .quant.plan import QuantPlan
 from .stages import STAGE_NAMES, Stage, build_stages
 
@@ -77,6 +78,15 @@ class RssSampler:
             self.increase_mb = max(0.0, self._peak - self._start)
         else:
             self.increase_mb = max(0.0, _process_peak_rss_mb() - self._start_peak)
+
+
+def _memory_record(est: dict[str, Any]) -> dict[str, Any]:
+    """The budget check's estimate in the manifest (GiB, with the factor's source)."""
+    gib = lambda n: round(n / 2**30, 2)  # noqa: E731
+    return {"estimated_peak_gib": gib(est["peak"]), "bound_gib": gib(est["bound"]),
+            "worst_stage": est["worst_stage"], "weights_dtype": est["dtype"],
+            "per_stage_gib": {k: gib(v["peak"]) for k, v in est["stages"].items()},
+            "factor_source": est["factor"]["source"]}
 
 
 def resolve_plan(quant: Any, pipe, target: str):
@@ -140,7 +150,7 @@ def smoke_run(tgt: Any, stage: Stage, art: Any, bundle_dir: Path, plan: Any) -> 
 def compile_model(name: str, target: str = "coreml", quant: Any = None, out_dir: str | os.PathLike | None = None,
                   checkpoint: str | os.PathLike | None = None, stages: tuple[str, ...] = STAGE_NAMES,
                   progress: bool = True, height: int | None = None, width: int | None = None,
-                  force: bool = False, **options: Any) -> Bundle:
+                  force: bool = False, memory_bound_bytes: int | None = None, **options: Any) -> Bundle:
     """Compile every stage of a model for ``target`` into ``out_dir`` (default build/<target>).
 
     ``out_dir`` must be missing, empty or an existing bundle unless ``force``. ``height`` /
@@ -152,6 +162,10 @@ def compile_model(name: str, target: str = "coreml", quant: Any = None, out_dir:
     tgt.parse_options(options)  # ... on an unknown or malformed option
     out = check_output_path(out_dir or Path("build") / target, force)  # ... and on an unsafe output
     config, folder = resolve(name, checkpoint)
+    # ... and on a compile that would not fit in memory (estimated from the headers, nothing loaded)
+    memory = check_memory_budget(config.with_resolution(height or config.height, width or config.width),
+                                 tgt.name, tuple(stages), options, dtype=load_dtypes(config, folder),
+                                 bound_bytes=memory_bound_bytes)
     pipe = load_pipeline(name, checkpoint, height=height, width=width)
     plan = resolve_plan(quant, pipe, target)
     built = build_stages(pipe, tuple(stages))
@@ -163,13 +177,20 @@ def compile_model(name: str, target: str = "coreml", quant: Any = None, out_dir:
     with atomic_bundle(out, tgt.name, model, force=force) as bundle:
         bundle.info.update({"options": {k: str(v) for k, v in options.items()},
                             "quant": getattr(plan, "name", None) if plan is not None else None,
-                            "compile": {}})
+                            "compile": {}, "memory_estimate": _memory_record(memory)})
         for stage in tqdm(list(built.values()), desc=f"compile {config.name} -> {target}", unit="stage",
                           disable=not progress):
             t0 = time.perf_counter()
             with RssSampler() as rss:
                 # targets that calibrate (quantized QNN / ONNX-QNN / XNNPACK) record real inputs from it
-                art = tgt.compile(stage, plan, bundle.path, {**run_options, "pipeline": pipe})
+                stage_options = {**run_options, "pipeline": pipe}
+                shards = tgt.shard_count(stage, plan, stage_options)
+                if shards > 1:  # N chained programs (QNN context / flatbuffer limits)
+                    from .targets.sharding import compile_sharded
+
+                    art = compile_sharded(tgt, stage, plan, bundle.path, stage_options, shards)
+                else:  # fp16/bf16 weights: the target converts an fp32 copy (Core ML: chunk by chunk)
+                    art = tgt.compile(tgt.float_stage(stage), plan, bundle.path, stage_options)
             seconds = time.perf_counter() - t0
             bundle.artifacts[stage.name] = art
             check = smoke_run(tgt, stage, art, bundle.path, plan)

@@ -249,6 +249,35 @@ class BaseTarget:
     def compile(self, stage: Stage, plan: Any, out_dir: Path, options: Mapping[str, Any]) -> Artifact:
         raise NotImplementedError
 
+    def float_stage(self, stage: Stage) -> Stage:
+        """The stage as this target converts it: an fp32 copy when the weights are stored in
+        fp16/bf16 (exporters need one dtype; they store their own precision anyway). Core ML
+        overrides it and promotes chunk by chunk instead."""
+        import torch
+
+        from s2dit_deploy.model_zoo.compute_dtype import has_compute_hooks, promoted, weights_dtype
+
+        if weights_dtype(stage.module) == torch.float32 and not has_compute_hooks(stage.module):
+            return stage
+        return dataclasses.replace(stage, module=promoted(stage.module))
+
+    def shard_source(self, stage: Stage) -> tuple[Stage, dict[str, Any]]:
+        """The stage shards are cut from (after this target's own module rewrites, so each shard is
+        already in the form the target lowers) and a JSON-able host input transform for
+        ``host_transform`` (``{}``: none). Default: the stage itself."""
+        return stage, {}
+
+    def host_transform(self, spec: Mapping[str, Any], named: dict[str, Any]) -> dict[str, Any]:
+        """Apply ``shard_source``'s host transform to named contract inputs (default: none)."""
+        return named
+
+    def shard_count(self, stage: Stage, plan: Any, options: Mapping[str, Any]) -> int:
+        """How many chained programs the compiler should cut ``stage`` into (``targets/sharding.py``).
+
+        1 (the default) compiles the stage whole; targets whose programs have a size limit (QNN
+        contexts) override it, from a ``shards`` option or a size bound."""
+        return 1
+
     def load(self, artifact: Artifact, bundle_dir: Path, *, profile: bool = False) -> Runner:
         raise NotImplementedError
 

@@ -18,3 +18,17 @@ def tiny_dit_config(layout: str = "LSSL", **kw) -> DiTConfig:
 def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
     rmse = (ref.double() - x.double()).pow(2).mean().sqrt().item()
     return float("inf") if rmse == 0 else 20 * torch.log10(ref.abs().max().double() / rmse).item()
+
+
+@pytest.fixture(scope="session")
+def qnn():
+    """The executorch-qnn target with its QNN host libraries (HTP emulation); skip without them."""
+    pytest.importorskip("executorch", reason="executorch is not installed")
+    from s2dit_deploy.targets.base import get_target
+    from s2dit_deploy.targets.qnn import libs
+
+    try:
+        libs.ensure_qnn()
+    except libs.QnnLibrariesMissing as exc:
+        pytest.skip(f"no QNN host libraries: {exc}")
+    return get_target("executorch-qnn")

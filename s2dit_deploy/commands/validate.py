@@ -22,6 +22,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="weights folder of a bundle compiled from a user checkpoint (its sha256 is checked)")
     p.add_argument("--prompt", default=None, help="prompt of the recorded float run")
     p.add_argument("--chunks", type=_checks.positive_int, default=2, help="chunks of the recorded run (default 2)")
+    p.add_argument("--steps", type=int, default=None, choices=(1, 2, 4),
+                   help="denoising steps per chunk of the recorded run (default: the model's)")
+    p.add_argument("--max-calls", type=_checks.positive_int, default=None, metavar="N",
+                   help="score only the first N recorded calls of each stage (paper scale: a DiT call takes minutes)")
+    p.add_argument("--no-stream", action="store_true",
+                   help="skip the end-to-end stream comparison (per-stage calls only)")
     p.add_argument("--seed", type=_checks.seed, default=0, help="RNG seed, 0..2**63-1 (default 0)")
     p.add_argument("--floor", action="append", default=[], metavar="STAGE[.OUTPUT]=DB",
                    help="override a floor (exit 4 below it): dit_step.velocity=60, decoder=30 or stream=30")
@@ -71,7 +77,10 @@ def render(report: dict, all_outputs: bool = False) -> str:
     for note in report.get("notes", []):
         lines.append(f"  {note}")
     s = report["stream"]
-    lines.append(f"  decoded stream ({s['num_chunks']} chunks): PSNR {_db(s['psnr_db'])}")
+    if s is not None:
+        lines.append(f"  decoded stream ({s['num_chunks']} chunks): PSNR {_db(s['psnr_db'])}")
+    for stage, fid in report["stages"].items():
+        lines.append(f"  {stage}: {fid['calls']} call(s) scored in {fid.get('seconds', 0):.1f} s")
     verdicts = report.get("verdicts", {})
     if verdicts:
         lines.append("")
@@ -92,8 +101,8 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
     floors = parse_floors(args.floor)
     try:
         report = validate(args.bundle, prompt=args.prompt or DEFAULT_PROMPT, num_chunks=args.chunks,
-                          seed=args.seed, floors=floors, default_floors=not args.no_floors,
-                          checkpoint=args.checkpoint)
+                          steps=args.steps, seed=args.seed, floors=floors, default_floors=not args.no_floors,
+                          checkpoint=args.checkpoint, max_calls=args.max_calls, stream=not args.no_stream)
     except FidelityError as exc:
         if exc.report is not None:
             exc.text = render(exc.report, args.all_outputs)

@@ -34,7 +34,17 @@ class QnnOptions:
         "choices": ACT_OBSERVERS})
     calibration_samples: int = field(default=0, metadata={
         "doc": "cap on recorded calibration calls per stage (0 = all)"})
+    shards: int = field(default=0, metadata={
+        "doc": "split dit_step into this many chained .pte files along its groups (ExecuTorch's Qualcomm "
+               "num_sharding); 0 = as few as keep each shard's weights under shard_mb"})
+    shard_mb: float = field(default=1536.0, metadata={
+        "doc": "largest shard's weights in MB at the stored width (fp16 2 bytes, 8-bit 1, 4-bit 0.5) when "
+               "shards=0: the context binary is embedded in the .pte (a 2 GB flatbuffer) and an HTP "
+               "context holds about 4 GB"})
 
     def __post_init__(self):
         canonical_soc(self)
         require_at_least(self, "calibration_samples", 0)
+        require_at_least(self, "shards", 0)
+        if not self.shard_mb > 0:
+            raise ValueError(f"shard_mb must be > 0, got {self.shard_mb!r}")
