@@ -64,19 +64,6 @@ def test_rewrites_are_exact_on_the_tiny_dit_step():
     assert not any(isinstance(m, nn.Conv3d) and m.groups > 1 for m in new.modules())
 
 
-@pytest.fixture(scope="module")
-def qnn():
-    pytest.importorskip("executorch", reason="executorch is not installed")
-    from s2dit_deploy.targets.base import get_target
-    from s2dit_deploy.targets.qnn import libs
-
-    try:
-        libs.ensure_qnn()
-    except libs.QnnLibrariesMissing as exc:
-        pytest.skip(f"no QNN host libraries: {exc}")
-    return get_target("executorch-qnn")
-
-
 def test_unknown_soc_and_precision_are_clear(qnn, toy, tmp_path):
     from s2dit_deploy.targets.qnn.lower import supported_socs
 

@@ -11,9 +11,7 @@ import contextlib
 import ctypes
 import logging
 import os
-import re
 import tempfile
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +20,10 @@ import torch
 
 from s2dit_deploy.socs import resolve_soc as resolve_soc_name
 
+from .decompose import decompose_for_qnn
 from .libs import classify_native, ensure_qnn, interposer_handle
+from .partition import NO_BUILDER_REASON, lower_to_edge, rejected_kept_ops
+from .placement import placement_report, qnn_node_messages
 from .rewrite import apply_host_inputs, rewrite_for_qnn
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ PRECISIONS: dict[str, str | None] = {
     "16a4w": "use_16a4w", "8a4w": "use_8a4w",
 }
 _PARTITIONER_LOGGER = "executorch.backends.qualcomm.partition.qnn_partitioner"
-_SKIP_TARGETS = {"getitem", "executorch_call_delegate"}
+_XNNPACK_WHY_LOGGER = "executorch.backends.xnnpack.partition.config.xnnpack_config"  # WhyNoPartition, debug
 
 
 def supported_socs() -> list[str]:
@@ -100,12 +101,27 @@ def native_output(sink: list[str]) -> Iterator[None]:
 
 
 class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
+    def __init__(self, level: int = logging.INFO) -> None:
+        super().__init__(level)
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _listen(name: str, level: int = logging.INFO) -> Iterator[_Records]:
+    """Collect a library logger's messages at ``level`` (its level is restored afterwards)."""
+    logger, records = logging.getLogger(name), _Records(level)
+    saved = logger.level
+    if logger.getEffectiveLevel() > level:
+        logger.setLevel(level)
+    logger.addHandler(records)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(saved)
 
 
 class QnnCompileError(RuntimeError):
@@ -119,6 +135,7 @@ class Lowered:
     quant: dict[str, Any] = field(default_factory=dict)
     rewrites: dict[str, int] = field(default_factory=dict)
     host_inputs: dict[str, Any] = field(default_factory=dict)
+    placement: dict[str, Any] = field(default_factory=dict)
 
 
 ACT_OBSERVERS = ("minmax", "moving_average", "histogram")
@@ -164,72 +181,50 @@ def make_quantizer(precision: str, soc: str, plan: Any = None, stage: Any = None
     return quantizer
 
 
-def quantize(module: torch.nn.Module, example: tuple, calibration: Sequence[tuple], quantizer):
-    """PT2E: export, prepare, run the calibration inputs, convert."""
+def quantize(module: torch.nn.Module, example: tuple, calibration: Sequence[tuple], quantizer,
+             decompose: Sequence[str] = ()) -> tuple[torch.fx.GraphModule, dict[str, int]]:
+    """PT2E: export, decompose (what QNN has no builder for, and the ``decompose`` ops), prepare,
+    run the calibration inputs, convert. Returns the converted module and the decomposed counts."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    gm = torch.export.export(module, example, strict=True).module()
-    prepared = prepare_pt2e(gm, quantizer)
+    ep, counts = decompose_for_qnn(torch.export.export(module, example, strict=True), decompose)
+    prepared = prepare_pt2e(ep.module(), quantizer)
     with torch.no_grad():
         for args in calibration:
             prepared(*args)
-    return convert_pt2e(prepared)
+    return convert_pt2e(prepared), counts
 
 
-def _count_ops(graph: torch.fx.Graph) -> Counter:
-    return Counter(getattr(n.target, "__name__", str(n.target)) for n in graph.nodes
-                   if n.op == "call_function"
-                   and getattr(n.target, "__name__", str(n.target)) not in _SKIP_TARGETS)
-
-
-def partition_report(edge_manager, partitioner_log: list[str], native: list[str]) -> dict[str, Any]:
-    """Delegated / total op counts and every op left outside QNN with its reason."""
-    gm = edge_manager.exported_program().graph_module
-    delegated: Counter = Counter()
-    subgraphs = 0
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.target.startswith("lowered_module"):
-            lowered = getattr(gm, node.target)
-            delegated += _count_ops(lowered.original_module.graph)
-            subgraphs += 1
-    fallback = _count_ops(gm.graph)
-    reasons: dict[str, list[str]] = {}
-    for msg in partitioner_log:
-        m = re.match(r"\[[^\]]+\]\s+(\S+)\s+\|\s+(.*)", msg)
-        if m and m.group(2) != "True" and m.group(2) != "Forced Passed":
-            reasons.setdefault(m.group(1), [])
-            if m.group(2) not in reasons[m.group(1)]:
-                reasons[m.group(1)].append(m.group(2))
+def partition_report(edge_manager, partitioner_log: list[str], native: list[str],
+                     decomposed: dict[str, dict[str, Any]] | None = None, xnnpack_log: Sequence[str] = ()
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Delegated / total op counts with every op left outside QNN and its reason, the placement)."""
+    placement = placement_report(edge_manager, partitioner_log, native, decomposed, xnnpack_log)
+    delegated = placement["ops"]["htp"]
+    total = sum(placement["ops"].values())
     real, harmless = classify_native(native)
     qnn_msgs = sorted({line.strip() for line in real if "<E>" in line or "<W>" in line or "[ERROR]" in line})
-    total = sum(delegated.values()) + sum(fallback.values())
     return {
-        "delegated_ops": sum(delegated.values()),
+        "delegated_ops": delegated,
         "total_ops": total,
-        "delegated_fraction": round(sum(delegated.values()) / total, 4) if total else 1.0,
-        "qnn_subgraphs": subgraphs,
-        "delegated_by_op": dict(sorted(delegated.items())),
-        "fallbacks": [{"op": op, "count": n,
-                       "reason": "; ".join(reasons.get(op, []))
-                       or "not claimed by the QNN partitioner (see qnn_messages)"}
-                      for op, n in sorted(fallback.items())],
+        "delegated_fraction": placement["op_share_accelerator"],
+        "qnn_subgraphs": placement["subgraphs"]["htp"],
+        "delegated_by_op": placement.pop("htp_by_op"),
+        "fallbacks": placement["fallbacks"],
         "qnn_messages": qnn_msgs[:50],
         "qnn_harmless_messages": sorted({(h["message"], h["reason"]) for h in harmless})[:20],
-    }
+    }, placement
 
 
 def lower(module: torch.nn.Module, example: tuple, input_names: list[str], soc: str, precision: str = "fp16",
           plan: Any = None, calibration: Sequence[tuple] | None = None, profile: bool = False,
-          stage: Any = None, act_observer: str = "minmax") -> Lowered:
-    """Rewrite, (quantize,) partition to QNN and serialize a ``.pte``."""
+          stage: Any = None, act_observer: str = "minmax", fallback: bool = True) -> Lowered:
+    """Rewrite, (quantize,) partition to QNN (then XNNPACK unless ``fallback=False``; portable
+    kernels run the rest) and serialize a ``.pte``."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown QNN precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     resolve_soc(soc)
     ensure_qnn()
-    from executorch.backends.qualcomm.utils.utils import (
-        to_edge_transform_and_lower_to_qnn,
-    )
-
     module, example, rewrites, host = rewrite_for_qnn(module, example, input_names)
     if calibration and host:
         calibration = [tuple(apply_host_inputs(host, dict(zip(input_names, args))).values())
@@ -238,10 +233,22 @@ def lower(module: torch.nn.Module, example: tuple, input_names: list[str], soc: 
     quant: dict[str, Any] = {"precision": "fp16" if spec_args["use_fp16"] else "quantized",
                              "preset": precision if precision != "fp16" and plan is None else None,
                              "use_fp16": spec_args["use_fp16"], "soc": soc.upper()}
+    native: list[str] = []
+    pre_decomposed: dict[str, dict[str, Any]] = {}
     if precision != "fp16" or plan is not None:
         if not calibration:
             raise ValueError("quantized QNN compile needs calibration inputs (recorded stage inputs)")
-        module = quantize(module, example, calibration, make_quantizer(precision, soc, plan, stage, act_observer))
+        # kept ops HTP rejects (probed on the float graph) are decomposed before PT2E annotates them
+        with native_output(native):
+            pre_decomposed = rejected_kept_ops(module, example, compiler_specs(soc, "fp16"))
+        if pre_decomposed:
+            log.info("decomposed before quantization (QNN rejects them as one op): %s",
+                     {op: e["count"] for op, e in pre_decomposed.items()})
+        module, counts = quantize(module, example, calibration,
+                                  make_quantizer(precision, soc, plan, stage, act_observer),
+                                  decompose=sorted(pre_decomposed))
+        for op, n in counts.items():
+            pre_decomposed.setdefault(op, {"count": n, "nodes": [], "reason": NO_BUILDER_REASON})
         quant.update({"scheme": "pt2e-qnn", "per_channel": True, "calibration_samples": len(calibration),
                       "act_observer": act_observer,
                       "plan": getattr(plan, "name", None) if plan is not None else None})
@@ -250,13 +257,17 @@ def lower(module: torch.nn.Module, example: tuple, input_names: list[str], soc: 
 
             quant["translation"] = quant_qnn.summary(plan, getattr(stage, "name", stage))
     specs = compiler_specs(soc, precision, profile, plan)
-    records, native = _Records(), []
-    plog = logging.getLogger(_PARTITIONER_LOGGER)
-    plog.addHandler(records)
     try:
-        with native_output(native):
-            edge = to_edge_transform_and_lower_to_qnn(module, example, specs)
-        report = partition_report(edge, records.messages, native)
+        with native_output(native), _listen(_PARTITIONER_LOGGER) as records, \
+                _listen(_XNNPACK_WHY_LOGGER, logging.DEBUG) as xnn_why:
+            edge, decomposed = lower_to_edge(module, example, specs, fallback=fallback)
+        decomposed = {**pre_decomposed, **decomposed}
+        messages = qnn_node_messages(native)
+        for entry in decomposed.values():
+            why = sorted({m for n in entry["nodes"] for m in messages.get(n, [])})
+            if why:
+                entry["reason"] += f" (QNN: {'; '.join(why[:3])})"
+        report, placement = partition_report(edge, records.messages, native, decomposed, xnn_why.messages)
         program = edge.to_executorch()
     except Exception as exc:
         log.error("QNN lowering failed; last QNN messages:\n%s", "\n".join(classify_native(native)[0][-40:]))
@@ -267,12 +278,10 @@ def lower(module: torch.nn.Module, example: tuple, input_names: list[str], soc: 
                 "activations are too large for one HTP graph at this resolution; compile this stage for "
                 "another target (e.g. executorch-xnnpack on the CPU) or at a lower resolution") from exc
         raise
-    finally:
-        plog.removeHandler(records)
     handle = interposer_handle()
     if handle is not None:
         handle.s2dit_qnn_compat_repacked.restype = ctypes.c_ulong
         report["htp_configs_repacked"] = int(handle.s2dit_qnn_compat_repacked())
     for fb in report["fallbacks"]:
-        log.warning("QNN fallback: %s x%d: %s", fb["op"], fb["count"], fb["reason"])
-    return Lowered(bytes(program.buffer), report, quant, rewrites, host)
+        log.warning("QNN fallback to %s: %s x%d: %s", fb["placed"], fb["op"], fb["count"], fb["reason"])
+    return Lowered(bytes(program.buffer), report, quant, rewrites, host, placement)

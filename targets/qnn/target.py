@@ -8,6 +8,10 @@ preset ``8a8w``, ``16a8w``, ``16a4w``, ``8a4w``, ``16a16w`` (per-channel weights
 compiler hands over as a :class:`~s2dit_deploy.targets.base.QuantPreset`. Calibration inputs come
 from the compiler's ``pipeline`` (its stream is recorded) or a ``calibration`` mapping.
 
+Every stage compiles: what HTP rejects runs on XNNPACK or ExecuTorch's portable CPU kernels inside
+the same ``.pte`` (``partition.py``), and ``metadata["placement"]`` records the share of ops and
+FLOPs on each and why each op fell back (``placement.py``).
+
 ``load`` runs the ``.pte`` through ``executorch.runtime`` on this x86 machine; the QNN HTP library
 emulates the NPU (numerics are HTP's, timings are not a phone's).
 """
@@ -32,7 +36,7 @@ from .calibration import calibration_args
 from .libs import classify_native, ensure_qnn
 from .lower import PRECISIONS, htp_arch, lower, native_output
 from .options import QnnOptions
-from .rewrite import apply_host_inputs
+from .rewrite import apply_host_inputs, rewrite_for_qnn
 
 log = logging.getLogger(__name__)
 # ExecuTorch imports torchao: import it first, without the warnings of its CUDA-only kernels
@@ -144,8 +148,10 @@ class QnnTarget(BaseTarget):
         libs = ensure_qnn()
         part = low.partition
         quant_label = preset if qplan is None else getattr(qplan, "name", "plan")
-        log.info("%s: %d/%d ops delegated to QNN (%s, %s) in %.1fs", stage.name, part["delegated_ops"],
-                 part["total_ops"], opts.soc, quant_label, seconds)
+        pl = low.placement
+        log.info("%s: ops on HTP/XNNPACK/CPU %d/%d/%d, %.1f%% of FLOPs on HTP (%s, %s) in %.1fs", stage.name,
+                 pl["ops"]["htp"], pl["ops"]["xnnpack"], pl["ops"]["cpu"], 100 * pl["flop_share_accelerator"],
+                 opts.soc, quant_label, seconds)
         quantized = not low.quant["use_fp16"]
         return Artifact(
             stage=stage.name, target=self.name, files=[rel], contract=stage.contract(),
@@ -154,14 +160,44 @@ class QnnTarget(BaseTarget):
                       "compute_precision": None if quantized else opts.precision,
                       "precision": low.quant["precision"], "quant": quant_label if quantized else None,
                       "use_fp16": low.quant["use_fp16"], "profile": opts.profile,
-                      "partition": part, "rewrites": low.rewrites,
+                      "partition": part, "placement": low.placement, "rewrites": low.rewrites,
                       "host_inputs": low.host_inputs, "qnn_libraries": libs.to_dict(),
                       "lower_seconds": round(seconds, 2),
                       "runtime": "executorch.runtime + QNN HTP (x86 emulation here, Hexagon on device)"},
         )
 
-    def load(self, artifact: Artifact, bundle_dir: Path, *, profile: bool | None = None) -> QnnRunner:
+    def shard_count(self, stage: Stage, plan: Any, options: dict[str, Any]) -> int:
+        """``shards`` when set, else the fewest shards whose weights fit ``shard_mb`` at the width
+        the preset stores them (fp16 2 bytes, 8-bit 1, 4-bit 0.5)."""
+        from s2dit_deploy.targets.sharding import auto_shards
+
+        opts = self.parse_options(options)
+        if stage.name != "dit_step":
+            return 1
+        if opts.shards:
+            return opts.shards
+        preset, _ = _quant_choice(plan)
+        width = {"fp16": 2.0}.get(preset, 0.5 if preset.endswith("4w") else 1.0 if preset.endswith("8w") else 2.0)
+        return auto_shards(stage, int(opts.shard_mb * 2**20), width)
+
+    def shard_source(self, stage: Stage) -> tuple[Stage, dict[str, Any]]:
+        """The QNN-rewritten stage (depthwise Conv3d as conv2d taps, rank-5 unpatchify, host
+        timestep features): shards are cut from it, and ``t`` becomes features on the host."""
+        from s2dit_deploy.stages import TensorSpec
+
+        module, example, _, host = rewrite_for_qnn(stage.module, stage.example_inputs, stage.input_names)
+        specs = tuple(TensorSpec.of(n, x) for n, x in zip(stage.input_names, example))
+        return Stage(stage.name, module, tuple(example), specs, stage.outputs, stage.state_pairs), host
+
+    def host_transform(self, spec: dict[str, Any], named: dict[str, Any]) -> dict[str, Any]:
+        return apply_host_inputs(spec, named) if spec else named
+
+    def load(self, artifact: Artifact, bundle_dir: Path, *, profile: bool | None = None):
         """``profile=None``: profile if the artifact was compiled with QNN profiling."""
+        from s2dit_deploy.targets.sharding import is_sharded, load_sharded
+
+        if is_sharded(artifact):
+            return load_sharded(self, artifact, bundle_dir, profile=profile)
         prof = bool(artifact.metadata.get("profile")) if profile is None else (profile and
                                                                                 bool(artifact.metadata.get("profile")))
         return QnnRunner(Path(bundle_dir) / artifact.files[0], artifact.contract, profile=prof,
