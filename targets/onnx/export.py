@@ -2,7 +2,9 @@
 
 The graph keeps the stage's contract names for its inputs and outputs. Opset 20 matters: from
 opset 20 GELU is one ``Gelu`` node (opset 17 spells it with ``Erf``, which the QNN EP cannot
-quantize). Shapes are all static (no dynamic axes), so every Reshape has a constant shape.
+quantize). Shapes are all static (no dynamic axes), so every Reshape has a constant shape. With external weights
+the model's tensors go to ``<model>.onnx.data`` (``external.py``); ORT opens the model by path and
+finds the data file beside it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import numpy as np
 import torch
 
 from s2dit_deploy.stages import Stage
-from s2dit_deploy.targets.base import Runner
+from s2dit_deploy.targets.base import Runner, TargetOptionError
+
+from .external import PROTOBUF_LIMIT, externalize, uses_external_data
+from .options import EXTERNAL_WEIGHTS_BOUND
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +52,80 @@ def build_folder(out_dir: Path, stage_name: str) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def export_stage(stage: Stage, path: Path, exporter: str = "torchscript", opset: int = OPSET) -> dict[str, Any]:
-    """Write ``stage`` as ``path`` (.onnx); returns graph facts (op histogram, opset, exporter)."""
-    import onnx
+def stage_weight_bytes(stage: Stage) -> int:
+    """Bytes of the stage module's parameters and buffers (each storage once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in (*stage.module.parameters(), *stage.module.buffers()):
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
 
-    path = Path(path)
+
+def want_external(policy: str, stage: Stage, bound: int = EXTERNAL_WEIGHTS_BOUND) -> bool:
+    """``external_weights`` resolved for a stage; ``never`` with weights past 2 GiB is refused here,
+    before any export work, since no ONNX protobuf can hold them."""
+    nbytes = stage_weight_bytes(stage)
+    if policy == "always":
+        return True
+    if policy == "never":
+        if nbytes >= PROTOBUF_LIMIT:
+            raise TargetOptionError(
+                f"option 'external_weights' is never, but stage {stage.name} has {nbytes / 2**30:.2f} GiB of "
+                "weights and an ONNX protobuf stops at 2 GiB; use external_weights=auto or always")
+        return False
+    if policy != "auto":
+        raise TargetOptionError(f"option 'external_weights' must be auto, always or never, got {policy!r}")
+    return nbytes > bound
+
+
+def _export(stage: Stage, path: Path, exporter: str, opset: int, external: bool) -> None:
     kwargs = {"input_names": stage.input_names, "output_names": stage.output_names, "opset_version": opset,
               "do_constant_folding": True}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
+            # above 2 GiB this exporter writes one file per tensor beside ``path`` itself
             torch.onnx.export(stage.module, stage.example_inputs, str(path), dynamo=False, **kwargs)
         elif exporter == "dynamo":
             prog = torch.onnx.export(stage.module, stage.example_inputs, dynamo=True, optimize=True,
                                      input_names=stage.input_names, output_names=stage.output_names,
                                      opset_version=opset)
-            prog.save(str(path))
+            # onnx-ir streams each tensor into <path>.data; no protobuf holds the weights
+            prog.save(str(path), external_data=True if external else None)
         else:
             raise ValueError(f"unknown ONNX exporter {exporter!r}: torchscript or dynamo")
-    model = onnx.load(str(path))
+
+
+def export_stage(stage: Stage, path: Path, exporter: str = "torchscript", opset: int = OPSET,
+                 external: bool = False) -> dict[str, Any]:
+    """Write ``stage`` as ``path`` (.onnx), with its weights in ``<path>.data`` when ``external``;
+    returns graph facts (op histogram, opset, exporter, external data)."""
+    import onnx
+
+    path = Path(path)
+    ext_info = None
+    if external:
+        with build_folder(path.parent, f"{path.stem}.export") as work:
+            _export(stage, work / path.name, exporter, opset, external=True)
+            ext_info = externalize(work / path.name, path)
+    else:
+        _export(stage, path, exporter, opset, external=False)
+        refs = uses_external_data(onnx.load(str(path), load_external_data=False))
+        if refs:
+            for f in refs:
+                (path.parent / f).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            raise OnnxExportError(f"{stage.name}: the exporter wrote the weights outside the model "
+                                  f"({len(refs)} file(s)): they exceed the 2 GiB protobuf limit; compile with "
+                                  "external_weights=auto or always")
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))  # by path: external data is checked, never loaded
     except onnx.checker.ValidationError as exc:
         raise OnnxExportError(f"{stage.name}: exported ONNX graph is invalid: {exc}") from exc
+    model = onnx.load(str(path), load_external_data=False)
     ops = Counter(n.op_type for n in model.graph.node)
     dynamic = [i.name for i in model.graph.input
                if any(not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)]
@@ -78,7 +134,8 @@ def export_stage(stage: Stage, path: Path, exporter: str = "torchscript", opset:
     if "Erf" in ops:
         log.warning("%s: the ONNX graph has Erf nodes (GELU not fused); QNN cannot quantize Erf", stage.name)
     return {"opset": opset, "exporter": exporter, "nodes": sum(ops.values()), "ops": dict(sorted(ops.items())),
-            "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output]}
+            "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output],
+            "external_data": ext_info}
 
 
 def feed(session, contract_inputs: list[dict[str, Any]], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

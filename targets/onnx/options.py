@@ -11,6 +11,12 @@ EXPORTERS = ("torchscript", "dynamo")
 # is not what HTP runs through the QNN EP's QDQ path)
 QUANT_PRESETS = ("8a8w", "16a8w")
 DEFAULT_QUANT = "8a8w"
+EXTERNAL_WEIGHTS = ("auto", "always", "never")
+# ``external_weights=auto`` writes weights as external data above this many bytes (what torch.onnx
+# itself uses): an ONNX model is one protobuf, which cannot exceed 2 GiB
+EXTERNAL_WEIGHTS_BOUND = 1536 * 2**20
+_EXTERNAL_DOC = ("weights as ONNX external data in <model>.onnx.data beside the model: always, never, or "
+                 "auto = when the stage's weights exceed 1.5 GiB (a protobuf stops at 2 GiB)")
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,7 @@ class OnnxOptions:
         "doc": "torch.onnx exporter (torchscript gives the cleanest static graphs)", "choices": EXPORTERS})
     calibration_samples: int = field(default=0, metadata={
         "doc": "cap on recorded calibration calls per stage when quantizing (0 = all)"})
+    external_weights: str = field(default="auto", metadata={"doc": _EXTERNAL_DOC, "choices": EXTERNAL_WEIGHTS})
 
     def __post_init__(self):
         require_at_least(self, "calibration_samples", 0)
@@ -43,6 +50,10 @@ class OnnxQnnOptions:
         "doc": "torch.onnx exporter", "choices": EXPORTERS})
     calibration_samples: int = field(default=0, metadata={
         "doc": "cap on recorded calibration calls per stage (0 = all)"})
+    external_weights: str = field(default="auto", metadata={
+        "doc": _EXTERNAL_DOC + "; applies to the portable .qdq.onnx, and with external weights the "
+               ".ctx.onnx keeps its QNN context binary in a .bin beside it (EPContext embed_mode=0)",
+        "choices": EXTERNAL_WEIGHTS})
 
     def __post_init__(self):
         canonical_soc(self)

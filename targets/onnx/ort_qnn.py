@@ -93,8 +93,13 @@ def provider_options(soc: str | None = None, profile_csv: Path | None = None,
 
 
 def session_options(soc: str | None = None, ep_context_file: Path | None = None,
-                    profile_csv: Path | None = None, extra: dict[str, str] | None = None):
-    """SessionOptions with the QNN device added (HTP, no CPU fallback, optional EPContext dump)."""
+                    profile_csv: Path | None = None, extra: dict[str, str] | None = None,
+                    embed_context: bool = True):
+    """SessionOptions with the QNN device added (HTP, no CPU fallback, optional EPContext dump).
+
+    ``embed_context=False`` (EPContext ``embed_mode=0``) writes the context binary to
+    ``<ctx stem>_qnn.bin`` beside the model instead of inside it: an embedded binary is a protobuf
+    attribute and stops at 2 GiB."""
     import onnxruntime as ort
 
     register()
@@ -107,7 +112,8 @@ def session_options(soc: str | None = None, ep_context_file: Path | None = None,
     if ep_context_file is not None:
         so.add_session_config_entry("ep.context_enable", "1")
         so.add_session_config_entry("ep.context_file_path", str(ep_context_file))
-        so.add_session_config_entry("ep.context_embed_mode", "1")  # one self-contained file
+        # "1": one self-contained file; "0": the binary in a file the EPContext node names
+        so.add_session_config_entry("ep.context_embed_mode", "1" if embed_context else "0")
     so.add_provider_for_devices(devices[:1], provider_options(soc, profile_csv, extra))
     return so
 

@@ -8,12 +8,15 @@ QNN EP with ``soc_model``/``htp_arch`` and no CPU fallback dumps the EPContext m
 binary embedded). The bundle keeps both: ``<stage>.<soc>.ctx.onnx`` (what an app with ONNX Runtime
 Mobile + QNN EP loads on the phone) and ``<stage>.<soc>.qdq.onnx`` (portable QDQ source).
 
-Options (``targets/onnx/options.py``): ``soc`` (default SM8750), ``precision`` (compute precision
-of float ops: fp16), ``onnx_exporter``, ``calibration_samples``. Quantization comes from ``--quant``:
-``8a8w`` (the documented default when no ``--quant`` is given: uint8 activations, int8 symmetric
-per-channel weights), ``16a8w`` (uint16 activations) or a QuantPlan; the HTP path through the QNN
-EP runs a QDQ graph, so there is no float build. Calibration comes from the compiler's ``pipeline``
-or a ``calibration`` mapping, as for executorch-qnn.
+Options (``targets/onnx/options.py``): ``soc`` (default SM8750), ``precision`` (compute precision of
+float ops: fp16), ``onnx_exporter``, ``calibration_samples``, ``external_weights`` (the QDQ model's
+weights in ``<qdq>.onnx.data``, and the context binary in ``<ctx stem>_qnn.bin`` beside the
+EPContext model, ``embed_mode=0``; ORT reads the QDQ model's external data when it builds the
+context, and the EPContext model itself then holds no weights, only the binary's file name).
+Quantization comes from ``--quant``: ``8a8w`` (the documented default when no ``--quant`` is given:
+uint8 activations, int8 symmetric per-channel weights), ``16a8w`` (uint16 activations) or a
+QuantPlan; the HTP path through the QNN EP runs a QDQ graph, so there is no float build. Calibration
+comes from the compiler's ``pipeline`` or a ``calibration`` mapping, as for executorch-qnn.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from s2dit_deploy.stages import Stage, TensorSpec
 from s2dit_deploy.targets.base import BaseTarget, QuantPreset, TargetOptionError
 
 from . import ort_qnn
-from .export import OrtRunner, build_folder, export_stage
-from .options import DEFAULT_QUANT, QUANT_PRESETS, OnnxQnnOptions
+from .export import OrtRunner, build_folder, export_stage, stage_weight_bytes, want_external
+from .external import PROTOBUF_LIMIT, check_model_files, context_binaries, externalize
+from .options import DEFAULT_QUANT, EXTERNAL_WEIGHTS_BOUND, QUANT_PRESETS, OnnxQnnOptions
 from .qdq import quantize_qdq
 
 log = logging.getLogger(__name__)
@@ -133,12 +137,14 @@ def _ops(path: Path) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def compile_context(qdq_model: Path, ctx_model: Path, soc: str, fp16: bool = False) -> dict[str, Any]:
-    """Run the QNN EP once with EPContext dumping on; returns partition facts of the result."""
+def compile_context(qdq_model: Path, ctx_model: Path, soc: str, fp16: bool = False,
+                    embed: bool = True) -> dict[str, Any]:
+    """Run the QNN EP once with EPContext dumping on; returns partition facts of the result
+    (with ``context_files``: the binaries written beside ``ctx_model`` when not ``embed``)."""
     import onnxruntime as ort
 
     extra = {"enable_htp_fp16_precision": "1"} if fp16 else None
-    so = ort_qnn.session_options(soc, ep_context_file=ctx_model, extra=extra)
+    so = ort_qnn.session_options(soc, ep_context_file=ctx_model, extra=extra, embed_context=embed)
     try:
         ort.InferenceSession(str(qdq_model), so)
     except Exception as exc:
@@ -151,7 +157,11 @@ def compile_context(qdq_model: Path, ctx_model: Path, soc: str, fp16: bool = Fal
     compute = {k: v for k, v in src.items() if k not in ("QuantizeLinear", "DequantizeLinear")}
     left = {k: v for k, v in ctx.items() if k != "EPContext"}
     total = sum(compute.values())
-    return {"delegated_ops": total - sum(left.values()), "total_ops": total,
+    bins = context_binaries(ctx_model)
+    missing = [b for b in bins if not (ctx_model.parent / b).is_file()]
+    if missing:
+        raise RuntimeError(f"{ctx_model.name} names context binaries {missing} that the QNN EP did not write")
+    return {"delegated_ops": total - sum(left.values()), "total_ops": total, "context_files": bins,
             "delegated_fraction": round((total - sum(left.values())) / total, 4) if total else 1.0,
             "qnn_subgraphs": ctx.get("EPContext", 0), "delegated_by_op": dict(sorted(compute.items())),
             "fallbacks": [{"op": k, "count": v, "reason": "left outside the EPContext node"}
@@ -256,8 +266,11 @@ class OnnxQnnTarget(BaseTarget):
         ctx_rel, qdq_rel = f"{stage.name}.{soc.lower()}.ctx.onnx", f"{stage.name}.{soc.lower()}.qdq.onnx"
         t0 = time.perf_counter()
         graph_stage, rewrites, host = qnn_graph_stage(stage)
+        external = want_external(opts.external_weights, graph_stage)
         with build_folder(out_dir, stage.name) as tmp:  # inside the partial, never the system temp
-            graph = export_stage(graph_stage, tmp / "float.onnx", opts.onnx_exporter)
+            # the preprocessing below rewrites the float model in memory: one protobuf below 2 GiB
+            graph = export_stage(graph_stage, tmp / "float.onnx", opts.onnx_exporter,
+                                 external=stage_weight_bytes(graph_stage) >= PROTOBUF_LIMIT)
             from onnxruntime.quantization.execution_providers.qnn import (
                 qnn_preprocess_model,
             )
@@ -271,26 +284,37 @@ class OnnxQnnTarget(BaseTarget):
             args = calibration_args(stage, options)
             named = [apply_host_inputs(host, dict(zip(stage.input_names, t))) for t in args]
             samples = [{n: torch.as_tensor(a).numpy() for n, a in s.items() if n in names} for s in named]
-            quant = quantize_qdq(pre, out_dir / qdq_rel, samples, precision, qplan, graph_stage)
+            quant = quantize_qdq(pre, tmp / qdq_rel, samples, precision, qplan, graph_stage)
+            if external:
+                ext = externalize(tmp / qdq_rel, out_dir / qdq_rel)
+            else:
+                ext = None
+                (tmp / qdq_rel).replace(out_dir / qdq_rel)
         quant.setdefault("preset", precision if qplan is None else None)
-        part = compile_context(out_dir / qdq_rel, out_dir / ctx_rel, soc, fp16=False)
+        part = compile_context(out_dir / qdq_rel, out_dir / ctx_rel, soc, fp16=False, embed=not external)
+        files = [ctx_rel, qdq_rel, *part["context_files"], *([ext["data_file"]] if ext else [])]
         seconds = round(time.perf_counter() - t0, 2)
         log.info("%s: %d/%d ONNX ops in QNN context binaries (%s, %s) in %.1fs", stage.name,
                  part["delegated_ops"], part["total_ops"], soc, precision, seconds)
         soc_model, arch = ort_qnn.resolve_soc(soc)
-        return Artifact(stage=stage.name, target=self.name, files=[ctx_rel, qdq_rel], contract=stage.contract(),
+        return Artifact(stage=stage.name, target=self.name, files=files, contract=stage.contract(),
                         quant={**quant, "soc": soc},
                         metadata={"soc": soc, "soc_model": soc_model, "htp_arch": arch,
                                   "compute_precision": opts.precision, "use_fp16": False,
                                   "quant": precision if qplan is None else getattr(qplan, "name", "plan"),
                                   "graph": graph, "partition": part, "compile_seconds": seconds,
+                                  "external_weights": {"policy": opts.external_weights, "external": external,
+                                                       "weight_bytes": stage_weight_bytes(graph_stage),
+                                                       "auto_bound_bytes": EXTERNAL_WEIGHTS_BOUND,
+                                                       "context_files": part["context_files"], **(ext or {})},
                                   "host_inputs": host, "graph_inputs": graph_stage.contract()["inputs"],
                                   "runtime": "onnxruntime + QNN EP (HTP emulation here, Hexagon on device)"})
 
     def load(self, artifact: Artifact, bundle_dir: Path, *, profile: bool = False,
              profile_csv: Path | None = None) -> OnnxQnnRunner:
         meta = artifact.metadata
-        return OnnxQnnRunner(Path(bundle_dir) / artifact.files[0], artifact.contract, meta["soc"],
+        check_model_files(artifact, bundle_dir)
+        return OnnxQnnRunner(artifact.path(bundle_dir, 0), artifact.contract, meta["soc"],
                              fp16=meta.get("precision") == "fp16", profile_csv=profile_csv,
                              host_inputs=meta.get("host_inputs"), graph_inputs=meta.get("graph_inputs"))
 

@@ -1,7 +1,8 @@
 """Host runtime for XNNPACK ``.pte`` files: ``executorch.runtime`` behind the ``Runner`` interface.
 
 ``XnnpackRunner.run`` takes named numpy (or torch) inputs, orders them by the artifact's contract,
-casts each to the contract dtype, executes ``forward`` and names the outputs. ``profile`` runs with
+casts each to the contract dtype, executes ``forward`` and names the outputs. A program compiled with
+external weights loads with its ``.ptd`` as ``data_path`` (the runtime takes one data file). ``profile`` runs with
 ETDump timing events only and returns per-operator timings through ``executorch.devtools.Inspector``.
 """
 
@@ -28,6 +29,10 @@ class RunnerInputError(InputError):
     """Inputs do not match the artifact's I/O contract."""
 
 
+class MissingProgramFile(InputError):
+    """A ``.pte`` or its ``.ptd`` (external weights) named by the artifact is not on disk."""
+
+
 def _as_tensor(value: Any, spec: dict[str, Any]) -> torch.Tensor:
     dtype = _TORCH_DTYPES.get(spec["dtype"])
     if dtype is None:
@@ -45,7 +50,7 @@ class XnnpackRunner(Runner):
     capabilities = frozenset({"profile", "timed_execute"})
     label = "host CPU time (ExecuTorch XNNPACK runtime)"
 
-    def __init__(self, pte: Path, contract: dict[str, Any]):
+    def __init__(self, pte: Path, contract: dict[str, Any], data: Path | None = None):
         from executorch.runtime import Runtime
 
         # quantize/dequantize nodes left outside the XNNPACK delegate (static int8 graphs) run on
@@ -53,11 +58,26 @@ class XnnpackRunner(Runner):
         import executorch.kernels.quantized  # noqa: F401
 
         self.pte = Path(pte)
+        self.data = Path(data) if data is not None else None
+        for f in (self.pte, self.data):
+            if f is not None and not f.is_file():
+                raise MissingProgramFile(f"{f} is missing: the artifact lists it"
+                                         + (" as the .pte's external weights" if f == self.data else "")
+                                         + "; copy the whole bundle folder or recompile it")
         self.contract = contract
         self.inputs = list(contract["inputs"])
         self.output_names = [s["name"] for s in contract["outputs"]]
         self._runtime = Runtime.get()
-        self._method = self._runtime.load_program(self.pte).load_method("forward")
+        self._method = self._load()[1]
+
+    def _load(self, **kwargs: Any):
+        """(program, forward method), with the ``.ptd`` as the data map when the weights live outside."""
+        try:
+            program = self._runtime.load_program(self.pte, data_path=self.data, **kwargs)
+            return program, program.load_method("forward")
+        except RuntimeError as exc:
+            where = f" with external weights {self.data.name}" if self.data else " (weights embedded)"
+            raise RuntimeError(f"ExecuTorch could not load {self.pte.name}{where}: {exc}") from exc
 
     def ordered(self, inputs: dict[str, Any]) -> list[torch.Tensor]:
         missing = [s["name"] for s in self.inputs if s["name"] not in inputs]
@@ -87,8 +107,7 @@ class XnnpackRunner(Runner):
         from executorch.devtools import Inspector
 
         tensors = self.ordered(inputs)
-        program = self._runtime.load_program(self.pte, enable_etdump=True, debug_buffer_size=0)
-        method = program.load_method("forward")
+        program, method = self._load(enable_etdump=True, debug_buffer_size=0)
         for _ in range(runs):
             method.execute(tensors)
         with tempfile.TemporaryDirectory() as tmp:

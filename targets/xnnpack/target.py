@@ -2,10 +2,12 @@
 
 Options (``targets/xnnpack/options.py``, ``sd.compile(..., **options)``): ``precision`` (fp32),
 ``xnnpack_quant`` (``none`` | ``int8`` | ``int8-dynamic`` | ``8da4w``, see quantize.py),
-``calibration_batches`` (default 16), ``etrecord`` (also write ``<stage>.etrecord`` so profiles
-name the delegated ops). ``calibration`` is compiler context, not an option: real named inputs,
-``{stage: [named inputs, ...]}`` (as ``s2dit_deploy.fidelity.record_inputs`` returns) or a list
-for the stage; ``XnnpackTarget.prepare`` records them from the float pipeline when needed.
+``calibration_batches`` (default 16), ``etrecord`` (also write ``<stage>.etrecord`` so profiles name
+the delegated ops), ``external_weights`` (``auto`` | ``always`` | ``never``: the weights in a
+``<stage>.ptd`` beside the ``.pte``, see external.py; auto above 1.5 GiB). ``calibration`` is
+compiler context, not an option: real named inputs, ``{stage: [named inputs, ...]}`` (as
+``s2dit_deploy.fidelity.record_inputs`` returns) or a list for the stage; ``XnnpackTarget.prepare``
+records them from the float pipeline when needed.
 
 A ``QuantPlan`` (``plan``) is translated by ``s2dit_deploy.quant.xnnpack.apply_plan``.
 """
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 
-from s2dit_deploy.bundle import Artifact
+from s2dit_deploy.bundle import Artifact, BundleError
 from s2dit_deploy.quant.torchao_compat import import_torchao
 from s2dit_deploy.stages import Stage
 
@@ -27,7 +29,9 @@ from .partition import delegation_stats, make_partitioner
 from .passes import export_for_xnnpack, swap_conv3d, swap_layer_norm
 from s2dit_deploy.targets.base import BaseTarget, TargetOptionError, parse_options
 
-from .options import XnnpackOptions
+from .external import (backend_config, constant_bytes, tag_constants, unwrap_subclasses, use_external,
+                       write_program)
+from .options import EXTERNAL_WEIGHTS_BOUND, XnnpackOptions
 from .quantize import SCHEMES, apply_quant_plan, quantize_module
 from .runtime import XnnpackRunner
 
@@ -111,6 +115,11 @@ class XnnpackTarget(BaseTarget):
             module, quant = quantize_module(module, scheme, example, batches)
         t1 = time.perf_counter()
         ep = export_for_xnnpack(module, example)
+        weight_bytes = constant_bytes(ep)
+        tag = stage.name if use_external(opts.external_weights, weight_bytes) else None
+        if tag is not None:
+            ep = unwrap_subclasses(ep)
+            tag_constants(ep, tag)
         t2 = time.perf_counter()
         dynamic = quant.get("scheme") in ("int8-dynamic",)
         edge = to_edge_transform_and_lower(ep, partitioner=[make_partitioner(dynamic=dynamic)],
@@ -119,13 +128,13 @@ class XnnpackTarget(BaseTarget):
         if quant.get("scheme") != "none":
             # q/dq nodes left outside the delegate need the quantized kernels' out variants registered
             import executorch.kernels.quantized  # noqa: F401
-        program = edge.to_executorch()
+        program = edge.to_executorch(backend_config(tag))
         t3 = time.perf_counter()
-        files = [f"{stage.name}.pte"]
-        (out_dir / files[0]).write_bytes(program.buffer)
+        written = write_program(program, out_dir, stage.name, tag)
+        files = list(written["files"])
         if opts.etrecord:
             files.append(f"{stage.name}.etrecord")
-            program.get_etrecord().save(str(out_dir / files[1]))
+            program.get_etrecord().save(str(out_dir / files[-1]))
         if stats["fallback_ops"]:
             log.info("%s: %d node(s) on portable CPU kernels: %s", stage.name, stats["portable_nodes"],
                      stats["fallback_ops"])
@@ -134,7 +143,10 @@ class XnnpackTarget(BaseTarget):
         meta = {
             "delegation": stats,
             "swaps": {"conv3d_as_conv2d": swapped, "layer_norm_as_linear": norms, "sdpa": "matmul+softmax"},
-            "pte_bytes": len(program.buffer),
+            "pte_bytes": written["pte_bytes"],
+            "external_weights": {"policy": opts.external_weights, "external": tag is not None,
+                                 "weight_bytes": weight_bytes, "auto_bound_bytes": EXTERNAL_WEIGHTS_BOUND,
+                                 "ptd_bytes": written["ptd_bytes"]},
             "seconds": {"quantize": round(t1 - t0, 3), "export": round(t2 - t1, 3), "lower": round(t3 - t2, 3)},
             "executorch": getattr(executorch, "__version__", "unknown"),
             "runtime": "executorch.runtime (XnnpackBackend + portable kernels)",
@@ -152,7 +164,12 @@ class XnnpackTarget(BaseTarget):
         pte = [f for f in artifact.files if f.endswith(".pte")]
         if not pte:
             raise FileNotFoundError(f"artifact {artifact.stage} lists no .pte file: {artifact.files}")
-        return XnnpackRunner(Path(bundle_dir) / pte[0], artifact.contract)
+        ptd = [f for f in artifact.files if f.endswith(".ptd")]
+        if len(ptd) > 1:
+            raise BundleError(f"artifact {artifact.stage} lists {len(ptd)} .ptd files {ptd}; the ExecuTorch "
+                              "runtime takes one data file per program, recompile the bundle")
+        return XnnpackRunner(artifact.path(bundle_dir, artifact.files.index(pte[0])), artifact.contract,
+                             data=artifact.path(bundle_dir, artifact.files.index(ptd[0])) if ptd else None)
 
     def etrecord(self, artifact: Artifact, bundle_dir: Path) -> Path | None:
         rec = [f for f in artifact.files if f.endswith(".etrecord")]
