@@ -79,13 +79,10 @@ def test_manifest_shard_folder_cannot_leave_the_bundle(bundles, tmp_path):
 
 @pytest.mark.parametrize("value,match", [("-1", "shards must be >= 0"), ("0.5", "shards")])
 def test_bad_shard_option(value, match):
-    from s2dit_deploy.targets.base import TargetOptionError
+    from s2dit_deploy.targets.base import TargetOptionError, parse_options
     from s2dit_deploy.targets.qnn.options import QnnOptions
 
     with pytest.raises(TargetOptionError, match=match):
-        QnnOptions.__new__(QnnOptions)  # noqa: B018 - the class itself stays importable
-        from s2dit_deploy.targets.base import parse_options
-
         parse_options(QnnOptions, {"shards": value}, "executorch-qnn")
 
 

@@ -293,22 +293,11 @@ def torch_piece_run(piece: Piece, named: dict) -> dict:
     return dict(zip(piece.output_names, outs))
 
 
-def piece_examples(pieces: Sequence[Piece], example_inputs: Mapping[str, torch.Tensor]) -> list[tuple]:
-    """Each piece's example inputs, from running the chain in torch once on the stage's examples."""
-    env = dict(example_inputs)
-    examples = []
-    for p in pieces:
-        ins = tuple(env[n] for n in p.input_names)
-        examples.append(ins)
-        env.update(torch_piece_run(p, dict(zip(p.input_names, ins))))
-    return examples
-
-
 def describe(pieces: Sequence[Piece]) -> list[dict]:
     """Manifest-friendly summary: groups, boundary tensors, weight size per piece."""
     return [{"index": p.index, "groups": list(p.groups), "inputs": list(p.input_names),
              "outputs": list(p.output_names), "weight_mb": round(p.weight_bytes / 2**20, 2)} for p in pieces]
 
 
-__all__ = ["CARRY_PREFIX", "Piece", "SplitError", "describe", "group_weight_bytes", "piece_examples",
+__all__ = ["CARRY_PREFIX", "Piece", "SplitError", "describe", "group_weight_bytes",
            "pieces_for_bound", "plan_ranges", "promote_piece", "run_chain", "split_graph", "torch_piece_run"]

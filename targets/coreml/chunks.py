@@ -11,7 +11,6 @@ chunk also bounds the converter's peak memory to one chunk's copies.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from s2dit_deploy.model_zoo.compute_dtype import has_compute_hooks, promoted, weights_dtype
 from s2dit_deploy.rewrites import DeviceStage
 from s2dit_deploy.rewrites.device_io import IOMap, feature_name
 from s2dit_deploy.rewrites.graph_split import (Piece, describe, pieces_for_bound, promote_piece, run_chain,
@@ -56,10 +56,6 @@ def _piece_stage(dstage: DeviceStage, piece: Piece, examples: tuple[torch.Tensor
     return part, outs
 
 
-def _is_fp32(module: torch.nn.Module) -> bool:
-    return all(t.dtype == torch.float32 for t in [*module.parameters(), *module.buffers()] if t.is_floating_point())
-
-
 def device_parts(stage: Stage, dstage: DeviceStage, opts: CoreMLOptions
                  ) -> Iterator[tuple[DeviceStage, dict[str, Any] | None]]:
     """The programs to convert for a stage, one at a time: ``(part, chunk description or None)``.
@@ -67,10 +63,10 @@ def device_parts(stage: Stage, dstage: DeviceStage, opts: CoreMLOptions
     Conversion traces in fp32 (coremltools then stores fp16): a stage with fp16/bf16 weights is
     promoted piece by piece, so at most one chunk exists in fp32 beside the checkpoint's copy."""
     n = chunk_count(stage, dstage, opts)
-    if n == 1 and (_is_fp32(dstage.module) or stage.name != "dit_step"):
-        if not _is_fp32(dstage.module):  # a small stage (text encoder, decoder): promote it whole
-            dstage = dataclasses.replace(dstage, module=copy.deepcopy(dstage.module).float())
-        yield dstage, None
+    fp32 = weights_dtype(dstage.module) == torch.float32 and not has_compute_hooks(dstage.module)
+    if n == 1 and (fp32 or stage.name != "dit_step"):
+        # a small stage (text encoder, decoder): promoted whole, without the host widening hooks
+        yield (dstage if fp32 else dataclasses.replace(dstage, module=promoted(dstage.module))), None
         return
     in_names = [m.device_name for m in dstage.inputs]
     out_names = [m.device_name for m in dstage.outputs]
