@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import portable_rng
 from .config import ModelConfig
 from .registry import load_stage, resolve
 from .sampler import FewStepSchedule, sample
@@ -63,10 +64,14 @@ class Pipeline:
 
     @torch.no_grad()
     def denoise_chunk(self, noise: torch.Tensor, context: torch.Tensor, state: StreamState,
-                      schedule: FewStepSchedule, generator: torch.Generator) -> torch.Tensor:
-        """Few-step sampling of one chunk against the cache, then commit the clean chunk."""
+                      schedule: FewStepSchedule, generator: torch.Generator | None = None,
+                      renoise=None) -> torch.Tensor:
+        """Few-step sampling of one chunk against the cache, then commit the clean chunk.
+
+        Re-noise comes from ``renoise(step, shape)`` when given, else from ``generator``."""
         dit, cache, offset = self.dit, state.dit_cache, state.frame_offset
-        x0 = sample(lambda x, t: dit.step(x, t, context, cache, offset)[0], noise, schedule, generator)
+        x0 = sample(lambda x, t: dit.step(x, t, context, cache, offset)[0], noise, schedule, generator,
+                    renoise)
         _, entries = dit.step(x0, 0.0, context, cache, offset)
         state.dit_cache = dit.push_cache(cache, entries)
         state.frame_offset += x0.shape[2]
@@ -75,16 +80,19 @@ class Pipeline:
     @torch.no_grad()
     def stream(self, prompt: str, num_chunks: int = 4, steps: int | None = None, seed: int = 0,
                progress: bool = False, schedule: FewStepSchedule | None = None) -> Iterator[np.ndarray]:
-        """Yield each chunk's frames (12, H, W, 3) uint8 as soon as it is decoded."""
+        """Yield each chunk's frames (12, H, W, 3) uint8 as soon as it is decoded.
+
+        Every draw (a chunk's noise, each step's re-noise) comes from ``portable_rng`` addressed by
+        (seed, chunk, draw), so an app following the bundle's host_loop.json draws the same noise."""
         if num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
         schedule = schedule or FewStepSchedule(steps=steps or self.config.steps)
         context = self.encode_prompt(prompt)
         state = self.start()
-        gen = torch.Generator().manual_seed(seed)
-        for _ in tqdm(range(num_chunks), desc=f"{self.config.name} chunks", unit="chunk", disable=not progress):
-            noise = torch.randn((1, *self.config.chunk_latent_shape), generator=gen)
-            x0 = self.denoise_chunk(noise, context, state, schedule, gen)
+        for c in tqdm(range(num_chunks), desc=f"{self.config.name} chunks", unit="chunk", disable=not progress):
+            noise = torch.from_numpy(portable_rng.normal(seed, c, 0, (1, *self.config.chunk_latent_shape)))
+            renoise = lambda j, shape, c=c: torch.from_numpy(portable_rng.normal(seed, c, j, shape))  # noqa: E731
+            x0 = self.denoise_chunk(noise, context, state, schedule, renoise=renoise)
             video, state.decoder_cache = self.decoder(x0, state.decoder_cache)
             yield to_uint8(video)
 

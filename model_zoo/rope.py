@@ -65,3 +65,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (..., N, head_dim) by per-token angles; norms are preserved exactly in exact math."""
     return x * cos + rotate_half(x) * sin
+
+
+def rope_columns(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0):
+    """The per-column data behind ``rope_angles`` as numpy fp32 tables, for hosts without torch.
+
+    Returns ``(pos, freq, is_time)``: ``pos`` (N, head_dim/2) the token's index along the axis that
+    column rotates with, ``freq`` (head_dim/2,) that column's inverse frequency and ``is_time``
+    (head_dim/2,) 1 for time columns. ``rope_angles(grid, d, theta, off)`` equals, in fp32,
+    ``(pos + off * is_time) * freq``.
+    """
+    import numpy as np
+
+    t, h, w = grid
+    pt, ph, pw = axis_pairs(head_dim)
+    freq = torch.cat([_inv_freq(p, theta).float() for p in (pt, ph, pw)]).numpy()
+    tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+    axes = [tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]
+    pos = np.concatenate([np.repeat(a[:, None], p, axis=1) for a, p in zip(axes, (pt, ph, pw))], axis=1)
+    is_time = np.concatenate([np.ones(pt), np.zeros(ph + pw)])
+    return pos.astype(np.float32), freq.astype(np.float32), is_time.astype(np.float32)

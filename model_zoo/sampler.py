@@ -56,8 +56,12 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | float) -> t
 
 
 def sample(velocity: VelocityFn, noise: torch.Tensor, schedule: FewStepSchedule,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Run the schedule from pure noise (t = 1) down to a clean x0."""
+           generator: torch.Generator | None = None,
+           renoise: Callable[[int, tuple[int, ...]], torch.Tensor] | None = None) -> torch.Tensor:
+    """Run the schedule from pure noise (t = 1) down to a clean x0.
+
+    The re-noise before step ``j`` (renoise rule) comes from ``renoise(j, shape)`` when given (the
+    streaming pipeline's portable draws), else from ``torch.randn`` on ``generator``."""
     ts = schedule.timesteps
     x = noise
     for i, t in enumerate(ts):
@@ -70,6 +74,7 @@ def sample(velocity: VelocityFn, noise: torch.Tensor, schedule: FewStepSchedule,
             if t_next == 0.0:
                 x = x0
             else:
-                eps = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+                eps = (renoise(i + 1, tuple(x.shape)).to(x.dtype) if renoise is not None
+                       else torch.randn(x.shape, generator=generator, dtype=x.dtype))
                 x = add_noise(x0, eps, t_next)
     return x

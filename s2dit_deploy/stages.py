@@ -136,13 +136,18 @@ class DecoderStage(nn.Module):
         return _fp32((video, *new))
 
 
-def rope_inputs(config: ModelConfig, frame_offset: int) -> dict[str, torch.Tensor]:
-    """Host-side RoPE tables of a chunk at ``frame_offset`` (the ``dit_step`` rope inputs)."""
+def rope_grids(config: ModelConfig) -> dict[str, tuple[int, int, int]]:
+    """Token grids of a chunk: ``hi`` (full resolution) and ``lo`` (the SSA-strided grid)."""
     d = config.dit
     grid = d.token_grid(config.stream.chunk_frames, *config.latent_hw)
-    lo = (grid[0], grid[1] // d.ssa_stride, grid[2] // d.ssa_stride)
-    hc, hs = rope_cos_sin(grid, d.head_dim, d.rope_theta, frame_offset)
-    lc, ls = rope_cos_sin(lo, d.head_dim, d.rope_theta, frame_offset)
+    return {"hi": grid, "lo": (grid[0], grid[1] // d.ssa_stride, grid[2] // d.ssa_stride)}
+
+
+def rope_inputs(config: ModelConfig, frame_offset: int) -> dict[str, torch.Tensor]:
+    """Host-side RoPE tables of a chunk at ``frame_offset`` (the ``dit_step`` rope inputs)."""
+    d, grids = config.dit, rope_grids(config)
+    hc, hs = rope_cos_sin(grids["hi"], d.head_dim, d.rope_theta, frame_offset)
+    lc, ls = rope_cos_sin(grids["lo"], d.head_dim, d.rope_theta, frame_offset)
     return {"hi_cos": hc, "hi_sin": hs, "lo_cos": lc, "lo_sin": ls}
 
 
