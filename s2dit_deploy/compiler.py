@@ -198,6 +198,12 @@ def compile_model(name: str, target: str = "coreml", quant: Any = None, out_dir:
                 "seconds": round(seconds, 3), "rss_increase_mb": round(rss.increase_mb, 1),
                 "process_peak_rss_mb": round(_process_peak_rss_mb(), 1), **check}
             log.info("compiled %s in %.1fs (+%.0f MiB RSS)", stage.name, seconds, rss.increase_mb)
+        if all(s in bundle.artifacts for s in STAGE_NAMES):  # everything an app needs besides the programs
+            from .app_bundle import write_app_assets
+
+            bundle.info["host_assets"] = write_app_assets(
+                bundle.path, pipe.config, tgt.name, bundle.artifacts,
+                soc=getattr(tgt.parse_options(options), "soc", None))
         if isinstance(plan, QuantPlan):  # a plan's report travels with the artifacts it describes
             from .quant.report import bundle_report
             from .quant.size import pipeline_layout

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .app_bundle.host_loop import HOST_LOOP_FILE, load_host_loop
 from .bundle import Bundle
 from .model_zoo.cache import push_entries
 from .model_zoo.config import ModelConfig
@@ -81,6 +82,8 @@ def bundle_pipeline(bundle: Bundle, float_pipe: Pipeline | None = None) -> Pipel
     from s2dit_deploy.targets.base import get_target
 
     config = ModelConfig.from_dict(bundle.model["config"])
+    if (bundle.path / HOST_LOOP_FILE).exists():  # the spec this host follows; an unknown version is refused
+        load_host_loop(bundle.path)
     target = get_target(bundle.target)
     arts = bundle.artifacts
 

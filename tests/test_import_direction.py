@@ -44,7 +44,7 @@ RANKS = {  # longest matching prefix (after "s2dit_deploy.") wins
     "rewrites": 3, "analysis": 3,
     "quant": 4,
     "targets": 5,
-    "host": 6, "compiler": 6,
+    "host": 6, "compiler": 6, "app_bundle": 6,
     "fidelity": 7,
     "bench": 8,
     "commands": 9, "cli": 9, "api": 9, "": 9,

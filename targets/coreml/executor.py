@@ -30,7 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from s2dit_deploy.errors import InputError
+try:
+    from s2dit_deploy.errors import InputError
+except ImportError:  # loaded as a plain module by a bundle's standalone host/reference_host.py
+    class InputError(ValueError):  # type: ignore[no-redef]
+        """Bad input to a program (s2dit_deploy.errors.InputError when the package is installed)."""
 
 from .mil_ops import ISSUE_HINT, OPS, StateSlot, UnsupportedOpError, supported_ops  # noqa: F401 (re-exported)
 from .mil_ops_checked import check_attributes

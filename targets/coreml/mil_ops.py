@@ -24,7 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from s2dit_deploy.errors import ToolchainUnavailable
+try:
+    from s2dit_deploy.errors import ToolchainUnavailable
+except ImportError:  # loaded as a plain module by a bundle's standalone host/reference_host.py
+    class ToolchainUnavailable(RuntimeError):  # type: ignore[no-redef]
+        """A program needs what this executor lacks (s2dit_deploy.errors.ToolchainUnavailable)."""
 
 try:  # scipy ships with scikit-learn here; fall back to math.erf when it is absent
     from scipy.special import erf as _erf
