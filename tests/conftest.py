@@ -32,3 +32,14 @@ def qnn():
     except libs.QnnLibrariesMissing as exc:
         pytest.skip(f"no QNN host libraries: {exc}")
     return get_target("executorch-qnn")
+
+
+@pytest.fixture(scope="session")
+def tiny_xnnpack_bundle(tmp_path_factory):
+    """A complete s2dit-tiny executorch-xnnpack bundle, compiled once (about 2 min on 2 cores)."""
+    pytest.importorskip("executorch", reason="executorch is not installed")
+    import s2dit_deploy as sd
+
+    out = tmp_path_factory.mktemp("tiny_xnnpack") / "bundle"
+    sd.compile("s2dit-tiny", target="executorch-xnnpack", out_dir=out, progress=False)
+    return out

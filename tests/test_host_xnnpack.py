@@ -15,10 +15,8 @@ PROMPT = "a red ball bouncing"
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("xnn") / "bundle"
-    sd.compile("s2dit-tiny", target="executorch-xnnpack", out_dir=out, progress=False)
-    return out
+def tiny_bundle(tiny_xnnpack_bundle):
+    return tiny_xnnpack_bundle  # shared with tests/test_app_bundle.py (read-only)
 
 
 def test_bundle_files_and_manifest(tiny_bundle):

@@ -1,4 +1,4 @@
-"""`s2dit-deploy generate`: stream a video for a prompt and write it to .mp4 or .gif.
+"""`s2dit-deploy generate`: stream a video for a prompt and write it to .mp4, .gif or .npy (exact uint8 frames).
 
 Each chunk is encoded as soon as it is decoded (the video never sits in memory whole), into a
 temporary file beside the output that is renamed when complete.
@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="override the model's output height (a positive multiple of 8)")
     p.add_argument("--width", type=_checks.spatial, default=None,
                    help="override the model's output width (a positive multiple of 8)")
-    p.add_argument("-o", "--out", default="s2dit.mp4", help="output .mp4 or .gif (default s2dit.mp4)")
+    p.add_argument("-o", "--out", default="s2dit.mp4", help="output .mp4, .gif or .npy (exact uint8 frames, T x H x W x 3; default s2dit.mp4)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     return p
 
