@@ -70,7 +70,8 @@ def test_time_shift_conv_equals_causal_conv3d():
     AneOptions(),
     AneOptions(split_heads=False),
     AneOptions(fold_schedule=(1.0, 0.63, 0.0)),
-], ids=["split", "batched-heads", "folded-adaln"])
+    AneOptions(fold_io=False),
+], ids=["split", "batched-heads", "folded-adaln", "device-layout-io"])
 def test_dit_step_rewrite_equals_float_tiny(opts):
     pipe = _pipe(stages=("dit",))
     stage = build_stages(pipe, ("dit_step",))["dit_step"]
@@ -87,6 +88,20 @@ def test_dit_step_rewrite_equals_float_tiny(opts):
     rewritten = {n: p for n, p in ds.module.named_parameters() if p.dim() >= 2 and "local" not in n}
     shared = [n for n, p in rewritten.items() if p.untyped_storage().data_ptr() in ptrs]
     assert len(shared) >= 0.9 * len(rewritten), sorted(set(rewritten) - set(shared))[:5]
+
+
+def test_folding_io_layouts_into_the_graph_is_exact():
+    """fold_io moves the context / RoPE transposes into the graph: the same outputs (up to fp32 summation
+    order of the now non-contiguous operands) and plain I/O."""
+    pipe = _pipe(stages=("dit",))
+    stage = build_stages(pipe, ("dit_step",))["dit_step"]
+    named = stream_inputs(pipe, stage)
+    folded, unfolded = rewrite_stage(stage, AneOptions(fold_io=True)), rewrite_stage(stage, AneOptions(fold_io=False))
+    err = max_abs_error(unfolded.run_host(named), folded.run_host(named))
+    assert max(err.values()) <= 1e-6, sorted(err.items(), key=lambda kv: -kv[1])[:3]
+    plain = {m.name for m in folded.inputs if m.perm is None and m.host_shape == m.device_shape}
+    assert {"context", "hi_cos", "hi_sin", "lo_cos", "lo_sin"} <= plain
+    assert not {"context", "hi_cos"} & {m.name for m in unfolded.inputs if m.perm is None}
 
 
 def test_dit_step_rewrite_catches_a_wrong_weight():

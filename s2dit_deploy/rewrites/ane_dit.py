@@ -35,6 +35,9 @@ class AneOptions:
 
     split_heads: bool = True
     fold_schedule: tuple[float, ...] | None = None
+    # take context (B, L, C) and the RoPE tables (N, d) as the host has them and transpose inside
+    # the graph: exact, a few small transposes per call, and four fewer host-side conversions
+    fold_io: bool = True
     eps_floor: float = FP16_MIN_NORMAL
 
 

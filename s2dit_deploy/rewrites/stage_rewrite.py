@@ -49,11 +49,18 @@ class DeviceStage:
 class AneDiTStepStage(nn.Module):
     """Positional device tensors -> (velocity, entries...) through ``AneS2DiT.step``."""
 
-    def __init__(self, dit: AneS2DiT, cache_keys: list[str], entry_keys: list[str]):
+    def __init__(self, dit: AneS2DiT, cache_keys: list[str], entry_keys: list[str], fold_io: bool = False):
         super().__init__()
         self.dit, self.cache_keys, self.entry_keys = dit, list(cache_keys), list(entry_keys)
+        self.fold_io = fold_io
 
     def forward(self, x, t, context, hi_cos, hi_sin, lo_cos, lo_sin, *cache):
+        if self.fold_io:  # host layouts in: (B, L, C) -> (B, C, 1, L), (N, d) -> (1, 1, d, N)
+            # contiguous: a chunked program may carry these to a later piece, and a Core ML input
+            # cannot have a non-contiguous dim order
+            context = context.transpose(1, 2).unsqueeze(2).contiguous()
+            hi_cos, hi_sin, lo_cos, lo_sin = (r.transpose(0, 1).unsqueeze(0).unsqueeze(0).contiguous()
+                                              for r in (hi_cos, hi_sin, lo_cos, lo_sin))
         v, entries = self.dit.step(x, t, context, hi_cos, hi_sin, lo_cos, lo_sin, dict(zip(self.cache_keys, cache)))
         return (v, *(entries[k] for k in self.entry_keys))
 
@@ -92,10 +99,12 @@ def _dit_maps(stage: Stage, dit: AneS2DiT) -> tuple[list[IOMap], list[IOMap]]:
                 ins.append(IOMap(name, "t_freq", shape, (shape[0], cfg.freq_dim, 1, 1), sinusoidal=cfg.freq_dim))
         elif name == "context":
             b, length, td = shape
-            ins.append(IOMap(name, "context", shape, (b, td, 1, length), (0, 2, 1)))
+            ins.append(IOMap(name, "context", shape, shape) if dit.opts.fold_io else
+                       IOMap(name, "context", shape, (b, td, 1, length), (0, 2, 1)))
         elif name in ("hi_cos", "hi_sin", "lo_cos", "lo_sin"):
             n, dd = shape
-            ins.append(IOMap(name, name, shape, (1, 1, dd, n), (1, 0)))
+            ins.append(IOMap(name, name, shape, shape) if dit.opts.fold_io else
+                       IOMap(name, name, shape, (1, 1, dd, n), (1, 0)))
         elif name.startswith("cache."):
             ins.append(cache_map(name, shape))
         else:
@@ -136,7 +145,7 @@ def rewrite_stage(stage: Stage, options: AneOptions | None = None) -> DeviceStag
         grid = dit.cfg.token_grid(f, hh, ww)
         window = named["cache.window_valid"].shape[0]
         ane = rewrite_dit(dit, grid, window, options)
-        mod = AneDiTStepStage(ane, stage.module.cache_keys, stage.module.entry_keys).eval()
+        mod = AneDiTStepStage(ane, stage.module.cache_keys, stage.module.entry_keys, options.fold_io).eval()
         ins, outs = _dit_maps(stage, ane)
         return DeviceStage(stage.name, mod, _examples(stage, ins), ins, outs, "ane_channels_first_B_C_1_S",
                            _dtypes(stage))

@@ -13,6 +13,8 @@ class CoreMLOptions:
     rewrite: bool = field(default=True, metadata={
         "doc": "apply the Neural Engine rewrites (channels-first layout, split heads, folded schedule)"})
     split_heads: bool = field(default=True, metadata={"doc": "split attention into per-head matmuls (ANE rewrite)"})
+    fold_io: bool = field(default=True, metadata={
+        "doc": "dit_step takes context and the RoPE tables in host layout and transposes them in the graph"})
     fold_schedule: tuple[float, ...] | None = field(default=None, metadata={
         "doc": "comma-separated timesteps to fold into a one-hot step selector (e.g. 1,0.5,0); none = off"})
     precision: str = field(default="fp16", metadata={
@@ -48,4 +50,4 @@ class CoreMLOptions:
     def ane(self):
         from s2dit_deploy.rewrites import AneOptions
 
-        return AneOptions(split_heads=self.split_heads, fold_schedule=self.fold_schedule)
+        return AneOptions(split_heads=self.split_heads, fold_schedule=self.fold_schedule, fold_io=self.fold_io)
