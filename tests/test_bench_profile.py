@@ -9,6 +9,7 @@ callable"; harmless native QNN messages were recorded as errors.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,12 @@ def test_harmless_native_messages_are_classified():
 
 
 @pytest.fixture(scope="module")
-def small_xnnpack_bundle(tmp_path_factory):
+def xnnpack_bundle(request, tmp_path_factory):
+    """The session's s2dit-tiny bundle; ``S2DIT_XNNPACK_SMALL=1`` compiles the trained s2dit-small
+    dit_step instead (~3.5 min on 2 cores), the graph the abort was first seen on."""
     pytest.importorskip("executorch")
+    if os.environ.get("S2DIT_XNNPACK_SMALL") != "1":
+        return request.getfixturevalue("tiny_xnnpack_bundle")
     import s2dit_deploy as sd
 
     out = tmp_path_factory.mktemp("bench-small") / "bundle"
@@ -39,12 +44,12 @@ def small_xnnpack_bundle(tmp_path_factory):
     return out
 
 
-def test_profiled_xnnpack_bench_of_s2dit_small_survives(small_xnnpack_bundle, tmp_path):
+def test_profiled_xnnpack_bench_survives(xnnpack_bundle, tmp_path):
     # in a child process: an abort there fails this test instead of killing the test run
     code = ("import json, sys; from s2dit_deploy.bench.harness import bench_bundle\n"
             "r = bench_bundle(sys.argv[1], repeats=2, warmup=0, profile=True, profile_runs=1, out_dir=sys.argv[2])\n"
             "print(json.dumps(r['stages']['dit_step']))")
-    proc = subprocess.run([sys.executable, "-c", code, str(small_xnnpack_bundle), str(tmp_path / "rep")],
+    proc = subprocess.run([sys.executable, "-c", code, str(xnnpack_bundle), str(tmp_path / "rep")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     entry = json.loads(proc.stdout.strip().splitlines()[-1])

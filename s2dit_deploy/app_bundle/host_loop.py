@@ -29,6 +29,7 @@ from ..model_zoo.cache import VALID_KEY, push_entries
 from ..model_zoo.config import ModelConfig
 from ..model_zoo.sampler import FewStepSchedule
 from ..rewrites.device_io import IOMap, maps_from_json
+from .reference_host import roll as apply_rule  # the very lines apps get: the check tests them
 
 HOST_LOOP_FORMAT = "s2dit-host-loop"
 HOST_LOOP_VERSION = 1
@@ -127,19 +128,6 @@ def state_rules(stage: str, ins: list[IOMap], outs: list[IOMap], pairs: list[lis
     return rules
 
 
-def apply_rule(rule: dict[str, Any], old: np.ndarray, new: np.ndarray | None) -> np.ndarray:
-    """One state rule on device arrays (the reference host has the same few lines)."""
-    if rule["rule"] == "replace":
-        return np.asarray(new).reshape(old.shape).astype(old.dtype)
-    axis, n = rule["axis"], rule["length"]
-    slot_shape = list(old.shape)
-    slot_shape[axis] = n
-    slot = (np.full(slot_shape, rule["fill"], dtype=old.dtype) if rule["rule"] == "fill_roll"
-            else np.asarray(new).reshape(slot_shape).astype(old.dtype))
-    kept = np.take(old, np.arange(n, old.shape[axis]), axis=axis)
-    return np.concatenate([kept, slot], axis=axis)
-
-
 def check_rules(rules: list[dict[str, Any]], ins: list[IOMap], outs: list[IOMap]) -> None:
     """The device-form rolls equal ``push_entries`` on random host tensors (dit_step caches)."""
     rng = np.random.default_rng(0)
@@ -213,7 +201,8 @@ def loop_ops(config: ModelConfig) -> dict[str, list[dict[str, Any]]]:
             {"op": "call", "stage": "decoder", "doc": "z = the clean latent"},
             {"op": "roll_state", "stage": "decoder", "doc": "decoder caches <- cache_out"},
             {"op": "emit_frames", "doc": "frames of the decoder's video output (see frames)"},
-            {"op": "advance", "frame_offset": f, "doc": f"frame_offset += {f}"},
+            {"op": "advance", "frame_offset": f, "doc": f"frame_offset += {f} (latent frames per chunk; RoPE time "
+                                                         "positions count latent frames)"},
         ],
     }
 
@@ -230,10 +219,11 @@ def build_host_loop(config: ModelConfig, target: str, artifacts: dict[str, Artif
             check_rules(rules, ins, outs)
         state[name] = rules
     d, f = config.dit, config.stream.chunk_frames
+    video = next(o for o in artifacts["decoder"].contract["outputs"] if o["name"] == "video")
     return {
         "format": HOST_LOOP_FORMAT, "version": HOST_LOOP_VERSION,
         "model": {"name": config.name, "height": config.height, "width": config.width, "fps": config.fps,
-                  "chunk_frames": f, "latent_shape": [1, *config.chunk_latent_shape]},
+                  "chunk_latent_frames": f, "latent_shape": [1, *config.chunk_latent_shape]},
         "target": target,
         "tokenizer": tokenizer,
         "rng": {"algorithm": portable_rng.ALGORITHM, "file": "host/portable_rng.py",
@@ -249,7 +239,7 @@ def build_host_loop(config: ModelConfig, target: str, artifacts: dict[str, Artif
         "loop": loop_ops(config),
         "frames": {"stage": "decoder", "output": "video", "host_layout": "(1, 3, T, H, W) in [-1, 1]",
                    "to_uint8": "round_half_even((clip(v, -1, 1) + 1) * 127.5) as uint8",
-                   "frame_layout": "(T, H, W, 3)", "frames_per_chunk": f},
+                   "frame_layout": "(T, H, W, 3)", "frames_per_chunk": int(video["shape"][2])},
     }
 
 
