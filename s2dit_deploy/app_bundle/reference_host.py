@@ -18,6 +18,7 @@ import html
 import importlib
 import importlib.util
 import json
+import logging
 import sys
 import types
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 KNOWN_VERSION = 1
+log = logging.getLogger("reference_host")
 
 
 class HostError(RuntimeError):
@@ -307,14 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coreml-executor", type=Path, default=None, help="folder of the Core ML reference executor")
     p.add_argument("-o", "--out", type=Path, default=Path("frames.npy"), help="uint8 frames (T, H, W, 3) .npy")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the script's entry point, not a library
     try:
         host = Host(args.bundle, args.coreml_executor)
         frames = np.concatenate(list(host.stream(args.prompt, args.chunks, args.seed, args.steps)), axis=0)
     except HostError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("error: %s", exc)
         return 2
     np.save(args.out, frames)
-    print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}")
+    log.info("wrote %s: %d frames %dx%d", args.out, frames.shape[0], frames.shape[1], frames.shape[2])
     return 0
 
 
