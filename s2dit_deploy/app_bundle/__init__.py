@@ -27,7 +27,6 @@ from .tables import rope_tables, t_table, timestep_rows, write_table
 from .tokenizer_asset import write_tokenizer
 
 REFERENCE_HOST = Path(__file__).with_name("reference_host.py")
-HOST_FILES = ("host/reference_host.py", "host/portable_rng.py", "host/tokenizer.json", HOST_LOOP_FILE)
 
 
 def io_counts(artifact: Artifact, spec_stage: dict[str, Any]) -> dict[str, int]:
@@ -54,16 +53,12 @@ def write_app_assets(root: Path, config: ModelConfig, target: str, artifacts: di
     length = config.text_encoder.max_position_embeddings
     tokenizer = {"file": "host/tokenizer.json", **write_tokenizer(root / "host" / "tokenizer.json", length)}
     values, rows, commit = timestep_rows()
-    tables, unsupported = {}, {}
     ins, _, _ = device_maps(artifacts["dit_step"])
-    t_map = next(m for m in ins if m.name == "t")
-    t_rows, missing = t_table(t_map, values)
-    tables["t.dit_step"] = write_table(root, "t.dit_step", t_rows)
-    if missing:
-        unsupported["t.dit_step"] = missing
+    t_rows, missing = t_table(next(m for m in ins if m.name == "t"), values)
+    tables = {"t.dit_step": write_table(root, "t.dit_step", t_rows)}
     for name, arr in rope_tables(config).items():
         tables[name] = write_table(root, name, arr)
-    schedule = schedule_spec(config, values, rows, commit, unsupported)
+    schedule = schedule_spec(config, values, rows, commit, missing)
     spec = build_host_loop(config, target, artifacts, tables, schedule, tokenizer)
     validate_host_loop(json.loads(json.dumps(spec)), "the generated host_loop.json")
     (root / HOST_LOOP_FILE).write_text(json.dumps(spec, indent=1) + "\n")

@@ -244,8 +244,10 @@ def build_host_loop(config: ModelConfig, target: str, artifacts: dict[str, Artif
 
 
 def schedule_spec(config: ModelConfig, values: list[float], rows: dict[str, list[int]], commit: int,
-                  unsupported: dict[str, list[int]]) -> dict[str, Any]:
-    usable = {k: v for k, v in rows.items() if not set(v) & set(unsupported.get("t.dit_step", []))}
+                  unusable_rows: list[int]) -> dict[str, Any]:
+    """The schedule section; a step count needing a row the device cannot take (a folded one-hot
+    without that t) is left out."""
+    usable = {k: v for k, v in rows.items() if not set(v) & set(unusable_rows)}
     default = FewStepSchedule(steps=config.steps)
     return {"default_steps": config.steps, "rule": default.rule, "shift": default.shift,
             "values": values, "rows": usable, "commit_row": commit}

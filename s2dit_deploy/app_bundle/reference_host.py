@@ -209,6 +209,14 @@ class Host:
             raise HostError(f"{self.spec['rng']['file']} implements {self.rng.ALGORITHM}, the spec says "
                             f"{self.spec['rng']['algorithm']}")
         self.programs = {n: Program(bundle, s, coreml_executor) for n, s in self.spec["stages"].items()}
+        self._rope_key, self._rope = None, {}
+
+    def rope(self, grid: str, offset: int) -> dict[str, np.ndarray]:
+        """cos and sin of a grid at a frame offset, computed once per chunk (every call of a chunk
+        shares its offset)."""
+        if self._rope_key != (grid, offset):
+            self._rope_key, self._rope = (grid, offset), rope(self.tables, grid, offset)
+        return self._rope
 
     def call(self, name: str, ctx: dict) -> dict:
         """Feed one stage from its inputs' sources; host-form outputs (and keeps device ones)."""
@@ -227,7 +235,7 @@ class Host:
             host = {"tokenizer": lambda: ctx["input_ids"],
                     "latent": lambda: ctx["latent"],
                     "output": lambda: ctx["outputs"][src["stage"]][src["output"]],
-                    "rope": lambda: rope(self.tables, src["grid"], ctx["frame_offset"])[src["part"]]}[kind]()
+                    "rope": lambda: self.rope(src["grid"], ctx["frame_offset"])[src["part"]]}[kind]()
             feed[inp["device_name"]] = to_device(host, inp["transform"], dtype)
         dev = self.programs[name].run(feed)
         ctx["device_outputs"][name] = {o["name"]: dev[o["device_name"]] for o in stage["outputs"]}
