@@ -150,7 +150,8 @@ def legalize(weight: str, act: str, target: str | None) -> tuple[str, str]:
     return w, a
 
 
-def _preset_schemes(preset: str, stage: str, name: str, kind: str) -> tuple[str, str]:
+def preset_schemes(preset: str, stage: str, name: str, kind: str = "") -> tuple[str, str]:
+    """(weight scheme, activation scheme) a preset gives one layer of a stage (before legalizing)."""
     if preset not in PRESETS:
         raise KeyError(f"unknown quantization preset {preset!r}; presets: {', '.join(PRESETS)}")
     a = "int16" if preset == "w4a16" else "int8"
@@ -172,7 +173,7 @@ def preset_plan(preset: str, layouts: Mapping[str, Any], model: str, target: str
         layers = {}
         for name in lay.layers:
             kind = lay.kinds.get(name, "")
-            w, a = legalize(*_preset_schemes(preset, stage, name, kind), target)
+            w, a = legalize(*preset_schemes(preset, stage, name, kind), target)
             if not fits(w, tuple(lay.layers[name])):  # per-block int4 needs whole blocks per row
                 w = "int8-pc" if target_schemes(target).legal_weight("int8-pc") else w
             if target == "executorch-xnnpack":  # torchao per-layer flow: Linear only, dynamic int8 acts

@@ -66,8 +66,14 @@ def validate(bundle: Any, **kwargs: Any) -> dict[str, Any]:
     return _validate(bundle, **kwargs)
 
 
-def bench(bundle: Any, repeats: int = 20, warmup: int = 3, **kwargs: Any) -> dict[str, Any]:
-    """Host timings (median, spread) and per-operator profiles of every stage of a bundle."""
+def bench(bundle: Any, repeats: int = 20, warmup: int = 3, device: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Host timings (median, spread) and per-operator profiles of every stage of a bundle; with
+    ``device``, the cost model's Table A3 estimate for that phone instead (``bundle`` may then also
+    be a model name or checkpoint folder; kwargs: precision, checkpoint, steps)."""
+    if device is not None:
+        from .bench.device_report import estimate
+
+        return estimate(bundle, device, **kwargs)
     from .bench.harness import bench_bundle
 
     return bench_bundle(bundle, repeats=repeats, warmup=warmup, **kwargs)
