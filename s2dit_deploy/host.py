@@ -1,9 +1,10 @@
 """Run the streaming pipeline from compiled stages on this machine.
 
 Adapters give each stage's ``Runner`` the interface the float modules have, so the very same
-``model_zoo.pipeline.Pipeline`` (sampler, commit pass, decoder streaming) drives a bundle: any
+``model_zoo.pipeline.Pipeline`` (sampler, commit, decoder streaming) drives a bundle: any
 difference between float and bundle output comes from the artifacts, not from a second copy of
-the sampling loop.
+the sampling loop. Both commit modes run on any bundle (``Pipeline.stream(commit=...)``): every
+``dit_step`` call returns its cache entries, so ``last-step`` only skips the t = 0 pass.
 """
 
 from __future__ import annotations

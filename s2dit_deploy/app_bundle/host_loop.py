@@ -12,6 +12,12 @@ table row, the RoPE tables or carried state) and a ``transform`` from the host l
 device tensor: ``device = reshape(transpose(host * scale, perm), device_shape)``. Outputs carry the
 inverse. ``loop`` lists the operations per prompt and per chunk in order; the reference host
 interprets exactly that list.
+
+``commit`` says which dit_step call's entry outputs are rolled into the caches after a chunk
+(``Pipeline``'s ``commit`` option) and what a chunk costs: ``clean`` runs the t = 0 commit pass
+(the ``call`` op marked ``commit_modes: ["clean"]``), ``last-step`` skips that op and rolls the
+last denoising call's outputs. The section is additive: a version-1 host that predates it runs
+every op, which is ``clean``, and a spec without it (an older bundle) describes ``clean`` only.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ..bundle import Artifact, BundleError, resolve_inside
 from ..model_zoo import portable_rng
 from ..model_zoo.cache import VALID_KEY, push_entries
 from ..model_zoo.config import ModelConfig
+from ..model_zoo.pipeline import COMMIT_MODES, dit_calls_per_chunk
 from ..model_zoo.sampler import FewStepSchedule
 from ..rewrites.device_io import IOMap, maps_from_json
 from .reference_host import roll as apply_rule  # the very lines apps get: the check tests them
@@ -194,10 +201,14 @@ def loop_ops(config: ModelConfig) -> dict[str, list[dict[str, Any]]]:
             {"op": "denoise", "doc": "for each timestep row r_i of the schedule: v = dit_step(latent, t row r_i); "
                                      "x0 = latent - t_i * v; latent = x0 after the last step, else (renoise) "
                                      "(1 - t_{i+1}) * x0 + t_{i+1} * rng.normal(seed, chunk, i + 1, latent_shape) "
-                                     "or (euler) latent + (t_{i+1} - t_i) * v. Entries of these calls are dropped"},
-            {"op": "call", "stage": "dit_step", "t_row": "commit", "doc": "the commit pass: dit_step on the clean "
-                                                                          "latent at t = 0"},
-            {"op": "roll_state", "stage": "dit_step", "doc": "apply state.dit_step with the commit pass's outputs"},
+                                     "or (euler) latent + (t_{i+1} - t_i) * v. Entries of these calls are dropped, "
+                                     "except the last call's with commit last-step (keep its outputs)"},
+            {"op": "call", "stage": "dit_step", "t_row": "commit", "commit_modes": ["clean"],
+             "doc": "the commit pass (commit clean only; skipped with last-step): dit_step on the clean latent "
+                    "at t = 0"},
+            {"op": "roll_state", "stage": "dit_step", "doc": "apply state.dit_step with the committed call's "
+                                                             "outputs: the commit pass (clean) or the last "
+                                                             "denoising call (last-step); see commit"},
             {"op": "call", "stage": "decoder", "doc": "z = the clean latent"},
             {"op": "roll_state", "stage": "decoder", "doc": "decoder caches <- cache_out"},
             {"op": "emit_frames", "doc": "frames of the decoder's video output (see frames)"},
@@ -205,6 +216,21 @@ def loop_ops(config: ModelConfig) -> dict[str, list[dict[str, Any]]]:
                                                          "positions count latent frames)"},
         ],
     }
+
+
+def commit_section(rows: dict[str, list[int]]) -> dict[str, Any]:
+    """Which call's entries each commit mode rolls in, and the dit_step calls per chunk per step count."""
+    calls = lambda mode: {k: dit_calls_per_chunk(len(v), mode) for k, v in rows.items()}  # noqa: E731
+    docs = {
+        "clean": ("commit pass", True, "after the last denoising step, one more dit_step call on the clean latent "
+                                       "(x0) at schedule.commit_row (t = 0); its entry outputs are rolled in"),
+        "last-step": ("last denoising step", False, "no extra call: the entry outputs of the last denoising "
+                                                    "dit_step call (its input is the latent at the last timestep, "
+                                                    "not the clean one) are rolled in"),
+    }
+    return {"default": COMMIT_MODES[0],
+            "modes": {m: {"committed_call": docs[m][0], "extra_call": docs[m][1], "doc": docs[m][2],
+                          "dit_step_calls_per_chunk": calls(m)} for m in COMMIT_MODES}}
 
 
 def build_host_loop(config: ModelConfig, target: str, artifacts: dict[str, Artifact],
@@ -230,6 +256,7 @@ def build_host_loop(config: ModelConfig, target: str, artifacts: dict[str, Artif
                 "stream": f"chunk * {portable_rng.DRAWS_PER_CHUNK} + draw",
                 "draws": "draw 0: the chunk's initial noise; draw j >= 1: the re-noise before denoising step j"},
         "schedule": schedule,
+        "commit": commit_section(schedule["rows"]),
         "tables": tables,
         "rope": {"theta": d.rope_theta, "head_dim": d.head_dim,
                  "formula": "a = (pos + frame_offset * is_time) * freq (fp32, (N, head_dim/2)); "
@@ -268,6 +295,10 @@ def validate_host_loop(data: Any, where: str) -> dict[str, Any]:
     if errors:
         e = errors[0]
         raise HostLoopError(f"{where} is malformed at {e.json_path}: {e.message}")
+    commit = data.get("commit")
+    if commit is not None and commit["default"] not in commit["modes"]:
+        raise HostLoopError(f"{where}: commit.default {commit['default']!r} is not one of commit.modes "
+                            f"{sorted(commit['modes'])}")
     return data
 
 

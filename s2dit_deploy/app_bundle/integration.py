@@ -82,6 +82,15 @@ def _onnx(spec: dict[str, Any], qnn: bool) -> list[str]:
             "An exporter may drop an input a graph does not use: feed `session.get_inputs()` only."]
 
 
+def _commit(spec: dict[str, Any]) -> list[str]:
+    """One line per commit mode of ``commit``: which call's entries are rolled in, and the cost."""
+    section = spec.get("commit") or {"default": "clean", "modes": {}}
+    steps = str(spec["schedule"]["default_steps"])
+    return [f"  - commit `{name}`{' (default)' if name == section['default'] else ''}: {mode['doc']}; "
+            f"{mode['dit_step_calls_per_chunk'][steps]} `dit_step` calls per chunk at {steps} steps."
+            for name, mode in section["modes"].items()]
+
+
 def integration_markdown(spec: dict[str, Any], soc: str | None = None) -> str:
     target = spec["target"]
     lines = [f"# Integrating this bundle ({spec['model']['name']}, target {target})", "",
@@ -92,9 +101,10 @@ def integration_markdown(spec: dict[str, Any], soc: str | None = None) -> str:
              f"- Tokenize with `{spec['tokenizer']['file']}` (Hugging Face `tokenizers`, also in Swift / Kotlin / "
              f"C++) after `clean`: {', '.join(spec['tokenizer']['clean'])}. {spec['tokenizer']['length']} int32 ids.",
              f"- Draw noise with `{spec['rng']['algorithm']}` (`{spec['rng']['file']}`, a dozen lines to port).",
-             f"- Per chunk: {len(spec['schedule']['rows'][str(spec['schedule']['default_steps'])])} `dit_step` calls, "
-             "one commit call at t = 0, one `decoder` call; "
+             f"- Per chunk: {len(spec['schedule']['rows'][str(spec['schedule']['default_steps'])])} denoising "
+             "`dit_step` calls, the commit, one `decoder` call; "
              f"{spec['frames']['frames_per_chunk']} frames out.",
+             *_commit(spec),
              "- Timestep inputs are rows of `t.dit_step`; RoPE from `rope.*` tables by "
              f"`{spec['rope']['formula']}`.", ""]
     for name, st in spec["stages"].items():

@@ -9,6 +9,7 @@ the proof that the bundle's contract is complete, and the template to port into 
 step below is one entry of host_loop.json's ``loop``.
 
     python3 host/reference_host.py BUNDLE "a red fox in the snow" --chunks 2 --seed 0 -o frames.npy
+    python3 host/reference_host.py BUNDLE "a red fox in the snow" --commit last-step -o frames.npy
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from pathlib import Path
 import numpy as np
 
 KNOWN_VERSION = 1
+COMMIT_MODES = ("clean", "last-step")
+# host_loop.json without a commit section (written before it): the commit pass, nothing else
+LEGACY_COMMIT = {"default": "clean", "modes": {"clean": {"committed_call": "commit pass", "extra_call": True}}}
 log = logging.getLogger("reference_host")
 
 
@@ -46,6 +50,21 @@ def load_spec(bundle: Path) -> dict:
         raise HostError(f"{path} has host loop version {spec.get('version')!r}; this reference host knows "
                         f"version {KNOWN_VERSION}")
     return spec
+
+
+def commit_spec(spec: dict) -> dict:
+    """host_loop.json ``commit``: the default mode and the modes the bundle describes."""
+    return spec.get("commit") or LEGACY_COMMIT
+
+
+def commit_mode(spec: dict, commit: str | None) -> str:
+    """The commit mode to run (the spec's default when None); one the spec does not describe is refused."""
+    section = commit_spec(spec)
+    mode = commit or section["default"]
+    if mode not in section["modes"]:
+        raise HostError(f"--commit {mode}: this bundle's host_loop.json describes commit "
+                        f"{', '.join(sorted(section['modes']))} only; recompile the bundle for {mode!r}")
+    return mode
 
 
 def inside(bundle: Path, rel: str) -> Path:
@@ -266,7 +285,9 @@ class Host:
                 eps = self.rng.normal(seed, chunk, i + 1, tuple(shape))
                 ctx["latent"] = np.float32(1.0 - t_next) * x0 + np.float32(t_next) * eps
 
-    def stream(self, prompt: str, chunks: int, seed: int, steps: int | None = None):
+    def stream(self, prompt: str, chunks: int, seed: int, steps: int | None = None, commit: str | None = None):
+        """Frames per chunk; ``commit`` (host_loop.json ``commit``) picks the call whose entries are rolled."""
+        mode = commit_mode(self.spec, commit)
         sched = self.spec["schedule"]
         steps = str(steps or sched["default_steps"])
         if steps not in sched["rows"]:
@@ -287,6 +308,8 @@ class Host:
         for chunk in range(chunks):
             for op in self.spec["loop"]["per_chunk"]:
                 kind = op["op"]
+                if mode not in op.get("commit_modes", (mode,)):
+                    continue  # e.g. the t = 0 commit pass with commit last-step
                 if kind == "noise":
                     ctx["latent"] = self.rng.normal(seed, chunk, op["draw"], tuple(self.spec["model"]["latent_shape"]))
                 elif kind == "denoise":
@@ -314,13 +337,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="1, 2 or 4 (default: the spec's default_steps)")
+    p.add_argument("--commit", choices=COMMIT_MODES, default=None,
+                   help="clean: roll in the entries of a t = 0 pass on the clean chunk (steps + 1 dit_step calls "
+                        "per chunk); last-step: those of the last denoising call (steps calls). Default: the "
+                        "spec's commit.default")
     p.add_argument("--coreml-executor", type=Path, default=None, help="folder of the Core ML reference executor")
     p.add_argument("-o", "--out", type=Path, default=Path("frames.npy"), help="uint8 frames (T, H, W, 3) .npy")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the script's entry point, not a library
     try:
         host = Host(args.bundle, args.coreml_executor)
-        frames = np.concatenate(list(host.stream(args.prompt, args.chunks, args.seed, args.steps)), axis=0)
+        frames = np.concatenate(list(host.stream(args.prompt, args.chunks, args.seed, args.steps, args.commit)), axis=0)
     except HostError as exc:
         log.error("error: %s", exc)
         return 2

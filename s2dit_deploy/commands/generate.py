@@ -12,6 +12,8 @@ import time
 from . import _checks
 
 NAME = "generate"
+# model_zoo.pipeline.COMMIT_MODES, restated so --help loads no torch (tests/test_commit_pass.py checks they agree)
+COMMIT_MODES = ("clean", "last-step")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -26,6 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=_checks.positive_int, default=4, help="number of 12-frame chunks (default 4)")
     p.add_argument("--steps", type=int, default=None, choices=(1, 2, 4), help="denoising steps per chunk")
     p.add_argument("--seed", type=_checks.seed, default=0, help="RNG seed, 0..2**63-1 (default 0)")
+    p.add_argument("--commit", choices=COMMIT_MODES, default="clean",
+                   help="cache entries pushed after each chunk: 'clean' (an extra DiT pass on the clean chunk "
+                        "at t = 0, steps + 1 DiT calls per chunk; default) or 'last-step' (the last denoising "
+                        "step's entries, steps DiT calls per chunk)")
     p.add_argument("--height", type=_checks.spatial, default=None,
                    help="override the model's output height (a positive multiple of 8)")
     p.add_argument("--width", type=_checks.spatial, default=None,
@@ -56,10 +62,13 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
         from s2dit_deploy import load_pipeline
 
         pipe = load_pipeline(args.model, args.checkpoint, height=args.height, width=args.width)
+    from s2dit_deploy.model_zoo.pipeline import dit_calls_per_chunk
+
     seconds = []
     t0 = time.perf_counter()
     with VideoWriter(path, pipe.config.fps) as writer:
-        for frames in pipe.stream(args.prompt, args.chunks, args.steps, args.seed, progress=not args.json):
+        for frames in pipe.stream(args.prompt, args.chunks, args.steps, args.seed, progress=not args.json,
+                                  commit=args.commit):
             writer.write(frames)
             seconds.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
@@ -75,8 +84,10 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
         "fps": pipe.config.fps,
         "steps": args.steps or pipe.config.steps,
         "seed": args.seed,
+        "commit": args.commit,
+        "dit_calls_per_chunk": dit_calls_per_chunk(args.steps or pipe.config.steps, args.commit),
         "chunk_seconds": [round(s, 4) for s in seconds],
     }
     text = (f"wrote {path}: {writer.frames} frames {height}x{width} (HxW) @ {pipe.config.fps} fps "
-            f"({args.chunks} chunks, median {sorted(seconds)[len(seconds) // 2]:.2f} s/chunk on this CPU)")
+            f"({args.chunks} chunks, commit {args.commit}, median {sorted(seconds)[len(seconds) // 2]:.2f} s/chunk on this CPU)")
     return result, text
