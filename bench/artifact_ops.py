@@ -73,6 +73,8 @@ def coreml_ops(path: str, group_depth: int = 0) -> list[Op]:
             kind = "matmul" if w_elems else "attention"
         else:
             kind = _MIL_KIND.get(t, "layout" if t in _MIL_LAYOUT else "vector")
+        if kind == "conv" and _numel(op.weight.shape[2:]) == 1:
+            kind = "matmul"  # a pointwise conv (the ANE form of a Linear) is a matmul
         unit = "npu" if not A.op_rules(op) else "gpu"
         out.append(Op(t, kind, float(A.op_flops(op)) if kind != "layout" else 0.0, w_elems, a_elems,
                       op.name, unit, w_bits))
@@ -121,7 +123,7 @@ def onnx_ops(path: str) -> list[Op]:
                 flops = 2.0 * out_n * math.prod(wshape[1:])
             else:
                 flops = 2.0 * _numel(shapes.get(ins[0], ())) * math.prod(wshape[1:])
-            kind = "conv"
+            kind = "conv" if math.prod(wshape[2:]) > 1 else "matmul"
         elif n.op_type in ("Transpose", "Concat", "Split", "Slice", "Gather", "Pad", "Tile", "Expand", "Cast",
                            "Resize", "DepthToSpace", "SpaceToDepth", "Where"):
             flops, kind = 0.0, "layout"

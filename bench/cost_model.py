@@ -154,6 +154,9 @@ class StageEstimate:
     compute_bound_share: float  # share of op time in ops whose compute time exceeds memory time
     off_npu_share: float
     boundaries: int
+    compute_s: float  # sums over ops of the two roofline terms: where a miss comes from
+    memory_s: float
+    vector_layout_share: float  # share of op time in vector / layout ops (norms, activations, copies)
     top_ops: tuple[dict[str, Any], ...]
     groups: tuple[tuple[str, float], ...]  # block group -> seconds
 
@@ -186,5 +189,6 @@ def estimate_ops(ops: Sequence[Op], device: DeviceProfile, precision: str, stage
     for op, t in zip(ops, total):
         g = group_of(op.group)
         groups[g] = groups.get(g, 0.0) + float(t)
+    vl = np.isin(arr.kind, [KINDS.index("vector"), KINDS.index("layout")])
     return StageEstimate(secs, float(total[t_c >= t_m].sum() / op_s), float(total[~arr.unit_npu].sum() / op_s),
-                         arr.boundaries, tops, tuple(sorted(groups.items(), key=lambda kv: -kv[1])))
+                         arr.boundaries, float(t_c.sum()), float(t_m.sum()), float(total[vl].sum() / op_s), tops, tuple(sorted(groups.items(), key=lambda kv: -kv[1])))

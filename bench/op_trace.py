@@ -129,7 +129,8 @@ class _Tracer(TorchDispatchMode):
             flops = 2.0 * math.prod(a.shape) * b.shape[-1]
             kind = "matmul" if (self._is_w(a) or self._is_w(b)) else "attention"
         elif name in ("convolution", "_convolution", "conv2d", "conv1d", "conv3d"):
-            flops, kind = _conv_flops(args, first), "conv"
+            # a pointwise conv is a matmul (the ANE rewrite turns every Linear into one)
+            flops, kind = _conv_flops(args, first), ("matmul" if math.prod(args[1].shape[2:]) == 1 else "conv")
         elif "scaled_dot_product" in name:
             flops, kind = _sdpa_flops(args[0], args[1], args[2]), "attention"
         elif name in _LAYOUT:
