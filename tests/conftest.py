@@ -43,3 +43,19 @@ def tiny_xnnpack_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_xnnpack") / "bundle"
     sd.compile("s2dit-tiny", target="executorch-xnnpack", out_dir=out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_coreml_export(tmp_path_factory):
+    """`s2dit-deploy export s2dit-tiny --device iphone-16-pro-max` run once (about 1 min): the
+    report folder and its --json summary. Its bundle/ is a plain s2dit-tiny coreml bundle."""
+    pytest.importorskip("coremltools", reason="coremltools is not installed")
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("export") / "tiny-16pm"
+    r = subprocess.run([sys.executable, "-m", "s2dit_deploy.cli", "export", "s2dit-tiny", "--device",
+                        "iphone-16-pro-max", "-o", str(out), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, json.loads(r.stdout)

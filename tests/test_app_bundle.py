@@ -53,9 +53,8 @@ def onnx_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def coreml_bundle(tmp_path_factory):
-    pytest.importorskip("coremltools")
-    return _compile(tmp_path_factory, "coreml")
+def coreml_bundle(tiny_coreml_export):
+    return tiny_coreml_export[0] / "bundle"  # the export's bundle: a plain s2dit-tiny coreml compile
 
 
 @pytest.fixture(params=["onnx", "executorch-xnnpack", "coreml"])

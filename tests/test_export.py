@@ -10,12 +10,9 @@ from .test_cli import run_cli
 pytest.importorskip("coremltools", reason="coremltools is not installed")
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "tiny-16pm"
-    r = run_cli("export", "s2dit-tiny", "--device", "iphone-16-pro-max", "-o", str(out), "--json")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out, json.loads(r.stdout)
+@pytest.fixture
+def exported(tiny_coreml_export):
+    return tiny_coreml_export
 
 
 def test_export_writes_a_complete_report_folder(exported):
