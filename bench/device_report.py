@@ -121,6 +121,14 @@ def to_markdown(rep: dict[str, Any]) -> str:
         fps = "–" if v["fps"] is None else f"{v['fps']:.1f}"
         lines.append(f"| {m} | {v['dit_calls_per_chunk']} | {v['ms_per_chunk']:.0f} "
                      f"({v['ms_per_chunk_with_text']:.0f}) | {fps} |")
+    cf = rep.get("commit_fidelity")
+    if cf:
+        lines += ["", f"Commit fidelity (float {cf['model']}, {len(cf['prompts'])} prompts x {cf['chunks']} chunks, "
+                      "measured on this host): last-step vs clean decoded-stream PSNR "
+                      f"{cf['psnr_db']:.2f} dB (per chunk from chunk 1: "
+                      + ", ".join(f"{v:.1f}" for v in cf["psnr_db_per_chunk"].values()) + " dB); boundary jump "
+                      f"clean {cf['boundary_jump']['clean']:.3f}, last-step {cf['boundary_jump']['last-step']:.3f} "
+                      "(1.0 = a chunk boundary looks like any other frame step)."]
     for s, e in rep["stages"].items():
         lines += ["", f"## {s}: top ops", "", "| op | kind | unit | group | ms | bound | GFLOPs | MB |",
                   "|---|---|---|---|---|---|---|---|"]

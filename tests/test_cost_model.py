@@ -175,3 +175,15 @@ def test_precision_changes_the_model_estimate():
     fp16 = estimate("s2dit-tiny", "galaxy-s25", "fp16")["stages"]["dit_step"]["ms"]
     w4 = estimate("s2dit-tiny", "galaxy-s25", "w4a8-mixed")["stages"]["dit_step"]["ms"]
     assert w4 < fp16
+
+
+def test_bench_device_reports_commit_fidelity_beside_fps():
+    r = run_cli("bench", "s2dit-tiny", "--device", "galaxy-s25", "--commit-fidelity", "--fidelity-chunks", "2",
+                "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cf = json.loads(r.stdout)["commit_fidelity"]
+    assert cf["dit_calls_per_chunk"] == {"clean": 5, "last-step": 4}
+    assert cf["first_chunk_max_abs_diff"] == 0 and math.isfinite(cf["psnr_db"])
+    bad = run_cli("bench", "s2dit-tiny", "--device", "galaxy-s25", "--commit-fidelity", "--fidelity-chunks", "1",
+                  "--json")
+    assert bad.returncode == 2 and "--fidelity-chunks" in json.loads(bad.stdout)["message"]

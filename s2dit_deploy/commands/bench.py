@@ -34,6 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "default: the bundle's quant, or fp16 for a model")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="with --device and a model name: its checkpoint")
     p.add_argument("--steps", type=int, default=None, choices=(1, 2, 4), help="with --device: denoising steps per chunk")
+    p.add_argument("--commit-fidelity", action="store_true",
+                   help="with --device: also stream the float model both ways (commit clean vs last-step) and "
+                        "report the decoded-stream PSNR and boundary jump beside the FPS of each")
+    p.add_argument("--fidelity-chunks", type=_checks.positive_int, default=4,
+                   help="chunks per prompt of --commit-fidelity (>= 2, default 4)")
     p.add_argument("--fit-cost-model", action="store_true",
                    help="refit the cost model on the calibration set (leave-one-model-out CV) and predict "
                         "the held-out S2DiT figures")
@@ -118,13 +123,22 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
         _check_out(args.out, ("device_estimate.json", "device_estimate.md", "device_estimate.png"), args.force)
         from s2dit_deploy.bench.device_report import estimate, to_markdown, write_report
 
+        if args.commit_fidelity and args.fidelity_chunks < 2:
+            raise UsageError("--fidelity-chunks must be >= 2: the commit mode changes only the chunks after the first")
         rep = estimate(args.source, args.device, args.precision, checkpoint=args.checkpoint, steps=args.steps)
+        if args.commit_fidelity:
+            from s2dit_deploy.bench.commit_pass import commit_fidelity
+
+            model = rep["model"] if Path(str(args.source)).is_dir() and args.checkpoint is None else args.source
+            rep["commit_fidelity"] = commit_fidelity(model, args.checkpoint, chunks=args.fidelity_chunks,
+                                                     steps=args.steps)
         text = to_markdown(rep)
         if args.out:
             paths = write_report(rep, args.out)
             text += "\nwrote " + ", ".join(str(p) for p in paths) + "\n"
         return rep, text.rstrip("\n")
-    for flag, value in (("--precision", args.precision), ("--checkpoint", args.checkpoint), ("--steps", args.steps)):
+    for flag, value in (("--precision", args.precision), ("--checkpoint", args.checkpoint), ("--steps", args.steps),
+                        ("--commit-fidelity", args.commit_fidelity or None)):
         if value is not None:
             raise UsageError(f"{flag} applies only with --device")
     _check_out(args.out, ("bench.json", "bench.md"), args.force)
