@@ -53,14 +53,14 @@ def coreml_ops(path: str, group_depth: int = 0) -> list[Op]:
 
     prog = A.load_mil_program(path)
     out: list[Op] = []
-    for op in A._walk(prog.functions["main"]):
-        if A._is_const(op):
+    for op in A.walk_ops(prog.functions["main"]):
+        if A.is_const(op):
             continue
         w_elems, a_elems, w_bits = 0, sum(_numel(o.shape) for o in op.outputs), None
         for v in op.inputs.values():
             for var in v if isinstance(v, (list, tuple)) else (v,):
                 src = getattr(var, "op", None)
-                if A._is_const(src):
+                if A.is_const(src):
                     if _numel(var.shape) > 1:
                         w_elems += _numel(var.shape)
                         w_bits = _const_bits(src) or w_bits

@@ -148,6 +148,67 @@ class _ClipScores(nn.Module):
         return self.clip(input_ids=text, pixel_values=image, return_dict=False)[0]
 
 
+def _depth_anything_small():
+    t = _tf()  # depth-anything/Depth-Anything-V2-Small-hf (V1 small: same architecture)
+    dino = t.Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                          patch_size=14, image_size=518, out_indices=[3, 6, 9, 12],
+                          apply_layernorm=True, reshape_hidden_states=False)
+    cfg = t.DepthAnythingConfig(backbone_config=dino, neck_hidden_sizes=[48, 96, 192, 384],
+                                fusion_hidden_size=64, reassemble_hidden_size=384,
+                                reassemble_factors=[4, 2, 1, 0.5], head_hidden_size=32,
+                                patch_size=14, depth_estimation_type="relative")
+    return _eval(_DepthNormalized(t.DepthAnythingForDepthEstimation(cfg)))
+
+
+class _DepthNormalized(nn.Module):
+    """coreml-examples Depth Anything export wrapper: ImageNet-normalize a [0, 255] image,
+    predict relative depth, divide by its max (tutorials/depth-anything-coreml-guide.ipynb)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255)
+
+    def forward(self, image):
+        depth = self.model((image - self.mean) / self.std, return_dict=False)[0]
+        return (depth / depth.max()).unsqueeze(0)
+
+
+class _DetrSemantic(nn.Module):
+    """facebook/detr-resnet-50-panoptic (DetrForSegmentation, 250 classes, 100 queries) with
+    per-query masks folded into a per-pixel class map, as apple/coreml-detr-semantic-segmentation.
+    The fold (softmax-class x sigmoid-mask, argmax) is an assumption: the export script is not public."""
+
+    def __init__(self):
+        super().__init__()
+        t = _tf()
+        rn = t.ResNetConfig(layer_type="bottleneck", depths=[3, 4, 6, 3],
+                            hidden_sizes=[256, 512, 1024, 2048], embedding_size=64,
+                            downsample_in_bottleneck=False,
+                            out_features=["stage1", "stage2", "stage3", "stage4"])
+        cfg = t.DetrConfig(backbone_config=rn, num_queries=100, d_model=256, encoder_layers=6,
+                           decoder_layers=6, encoder_attention_heads=8, decoder_attention_heads=8,
+                           encoder_ffn_dim=2048, decoder_ffn_dim=2048, num_labels=250,
+                           dilation=False, attn_implementation="eager")
+        self.detr = t.DetrForSegmentation(cfg)
+
+    def forward(self, image):
+        from transformers.models.detr import modeling_detr as md
+
+        keep = md.create_bidirectional_mask  # all-ones pixel mask: no masking (and no .all() on meta)
+        md.create_bidirectional_mask = lambda **kw: None
+        try:
+            out = self.detr(pixel_values=image, return_dict=True)
+        finally:
+            md.create_bidirectional_mask = keep
+        probs = out.logits.softmax(-1)[..., :-1]                    # (1, 100, 250), drop no-object
+        masks = out.pred_masks.sigmoid()                           # (1, 100, H/4, W/4)
+        scores = torch.einsum("bqc,bqhw->bchw", probs, masks)
+        scores = F.interpolate(scores, size=image.shape[-2:], mode="bilinear")
+        return scores.argmax(dim=1)
+
+
 # --------------------------------------------------------------------------- text
 def _bert_inputs():
     return (torch.zeros(1, 384, dtype=torch.int32), torch.ones(1, 384),
@@ -457,6 +518,12 @@ _reg("mobilenet-v2-224", "MobileNetV2 1.0 (AI Hub 'mobilenet_v2'); 1x3x224x224",
 _reg("openai-clip-b16", "OpenAI CLIP ViT-B/16, image+text towers and similarity (AI Hub 'openai_clip'); "
      "image 1x3x224x224, text 1x77 int32", lambda: _eval(_ClipScores()),
      lambda: (torch.zeros(1, 3, 224, 224), torch.zeros(1, 77, dtype=torch.int32)))
+_reg("depth-anything-small-518x392", "Depth Anything (V1/V2) small: DINOv2-S/14 + DPT head, "
+     "coreml-examples wrapper; image 1x3x392x518 (WxH 518x392)", _depth_anything_small,
+     lambda: (torch.zeros(1, 3, 392, 518),))
+_reg("detr-resnet50-semantic-448", "DETR-ResNet50 panoptic folded to semantic map "
+     "(apple/coreml-detr-semantic-segmentation); image 1x3x448x448",
+     lambda: _eval(_DetrSemantic()), _image(448))
 _reg("bert-base-mlm-384", "bert-base-uncased masked LM (AI Hub 'bert_base_uncased_hf'); tokens 1x384",
      _mlm("BertForMaskedLM", "BertConfig"), _bert_inputs)
 _reg("distilbert-base-mlm-384", "distilbert-base-uncased masked LM; tokens 1x384",

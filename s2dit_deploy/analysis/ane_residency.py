@@ -48,7 +48,8 @@ def _types():
     return types, is_symbolic
 
 
-def _is_const(op) -> bool:
+def is_const(op) -> bool:
+    """A const or constexpr op (weights: not work of its own)."""
     return op is not None and (op.op_type in R.CONST_OPS or op.op_type.startswith(R.CONST_PREFIX))
 
 
@@ -57,7 +58,7 @@ def _tensor_vars(op) -> list:
     out = list(op.outputs)
     for v in op.inputs.values():
         for var in v if isinstance(v, (list, tuple)) else (v,):
-            if not _is_const(getattr(var, "op", None)):
+            if not is_const(getattr(var, "op", None)):
                 out.append(var)
     return out
 
@@ -129,11 +130,12 @@ def op_rules(op) -> list[str]:
     return hits
 
 
-def _walk(block):
+def walk_ops(block):
+    """Every op of a block, nested blocks included, in program order."""
     for op in block.operations:
         yield op
         for sub in getattr(op, "blocks", []) or []:
-            yield from _walk(sub)
+            yield from walk_ops(sub)
 
 
 def block_of(name: str, node_blocks: dict[str, str] | None) -> str:
@@ -159,8 +161,8 @@ def analyze(model_or_program: Any, title: str = "", node_blocks: dict[str, str] 
     rule_ops, rule_flops = Counter(), Counter()
     per_block: dict[str, Counter] = defaultdict(Counter)
     rank_hist, seen_vars = Counter(), set()
-    for op in _walk(func):
-        if _is_const(op):
+    for op in walk_ops(func):
+        if is_const(op):
             continue
         hits = op_rules(op)
         flops = op_flops(op)
