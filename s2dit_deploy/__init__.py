@@ -13,6 +13,8 @@ The API is resolved on first use (module ``__getattr__``), so ``import s2dit_dep
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -37,3 +39,27 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | _API)
+
+
+class _CallableModule(types.ModuleType):
+    """The ``s2dit_deploy.bench`` subpackage, callable as the ``sd.bench`` API function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from .api import bench
+
+        return bench(*args, **kwargs)
+
+
+class _Package(types.ModuleType):
+    """Importing ``s2dit_deploy.bench.<x>`` makes the import system set the package attribute ``bench``
+    to that subpackage, which would shadow the ``sd.bench`` function; the subpackage is made callable
+    as the function instead, so ``sd.bench(...)`` keeps working and ``s2dit_deploy.bench.harness``
+    still names the module."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "bench" and isinstance(value, types.ModuleType) and not isinstance(value, _CallableModule):
+            value.__class__ = _CallableModule
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -187,3 +187,13 @@ def test_bench_device_reports_commit_fidelity_beside_fps():
     bad = run_cli("bench", "s2dit-tiny", "--device", "galaxy-s25", "--commit-fidelity", "--fidelity-chunks", "1",
                   "--json")
     assert bad.returncode == 2 and "--fidelity-chunks" in json.loads(bad.stdout)["message"]
+
+
+def test_sd_bench_stays_callable_after_the_bench_subpackage_is_imported():
+    import s2dit_deploy as sd
+    import s2dit_deploy.bench.harness  # noqa: F401  (sets the package attribute `bench`)
+
+    first = sd.bench("s2dit-tiny", device="galaxy-s24")
+    second = sd.bench("s2dit-tiny", device="galaxy-s24", precision="w8a8")
+    assert first["stages"]["dit_step"]["ms"] > second["stages"]["dit_step"]["ms"] > 0
+    assert sd.bench.harness.bench_bundle is not None
