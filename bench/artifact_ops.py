@@ -157,8 +157,21 @@ def executorch_ops(bundle: Bundle, stage: str) -> list[Op]:
     return out
 
 
+# where a target's runtime puts the ops it is given (Core ML: per op, from the ANE residency rules)
+TARGET_UNIT = {"executorch-qnn": "npu", "onnx-qnn": "npu", "executorch-xnnpack": "cpu", "onnx": "cpu"}
+
+
 def bundle_stage_ops(bundle: Bundle, stage: str) -> tuple[list[Op], str]:
-    """(ops, where they came from) for one stage of a bundle."""
+    """(ops, where they came from) for one stage of a bundle; XNNPACK and ONNX Runtime's CPU EP put
+    every op on the CPU, the QNN targets on the HTP (less the partition record's fallbacks)."""
+    ops, origin = _stage_ops(bundle, stage)
+    unit = TARGET_UNIT.get(bundle.artifacts[stage].target)
+    if unit == "cpu":
+        ops = [o.with_unit("cpu") for o in ops]
+    return ops, origin
+
+
+def _stage_ops(bundle: Bundle, stage: str) -> tuple[list[Op], str]:
     art = bundle.artifacts[stage]
     if len(art.files) > 1 and art.target in ("coreml", "onnx", "onnx-qnn"):
         src_ops: list[Op] = []

@@ -33,9 +33,12 @@ def _band(ms: float, info: dict[str, Any]) -> list[float] | None:
     return [ms / (1 + q["p90"]), ms / (1 + q["p10"])]  # published = predicted / (1 + error)
 
 
-def _unit_label(off_share: float, main: str) -> str:
+def _unit_label(off_share: float, main: str, ops) -> str:
     if main != "npu" or off_share < 0.005:
         return main
+    if off_share > 0.995:  # e.g. an XNNPACK bundle: the whole stage on the CPU
+        units = {o.unit for o in ops} - {"npu"}
+        return "/".join(sorted(units))
     return f"npu ({off_share:.0%} of time off it)"
 
 
@@ -85,7 +88,7 @@ def estimate(source: str | os.PathLike, device: str | DeviceProfile, precision: 
         d = est.as_dict()
         d.update({"origin": origin, "ops": len(op_list), "band_ms": _band(d["ms"], info),
                   "unit": _unit_label(est.off_npu_share, decoder_unit if name == "decoder" and bundle_target is None
-                                      else "npu"),
+                                      else "npu", op_list),
                   "gflops": sum(o.flops for o in op_list) / 1e9})
         stages[name] = d
     frames = config.stream.chunk_frames * 4
@@ -116,6 +119,11 @@ def to_markdown(rep: dict[str, Any]) -> str:
         per_chunk = e["ms"] * calls[s]
         lines.append(f"| {s} | {e['unit']} | {e['ms']:.1f} | {band} | {calls[s]} | {per_chunk:.1f} | "
                      f"{e['bound']} | {e['gflops']:.1f} | {e['origin']} |")
+    off = {s: e["off_npu_share"] for s, e in rep["stages"].items() if e["off_npu_share"] > 0.005}
+    if off:
+        lines += ["", "GPU / CPU time rests on unfitted efficiencies (no calibration row runs there; "
+                      "`cost_model.UNFITTED_UNIT_EFF`): " + ", ".join(f"{s} {v:.0%} of its time" for s, v in off.items())
+                  + "."]
     lines += ["", "| commit mode | DiT calls / chunk | ms / chunk (+ text once) | FPS |", "|---|---|---|---|"]
     for m, v in rep["commit_modes"].items():
         fps = "–" if v["fps"] is None else f"{v['fps']:.1f}"

@@ -161,12 +161,15 @@ def test_bench_device_bad_precision_is_named():
 
 
 def test_bench_device_from_a_bundle(tiny_xnnpack_bundle):
-    from s2dit_deploy.bench.device_report import estimate
+    from s2dit_deploy.bench.device_report import estimate, to_markdown
 
     rep = estimate(tiny_xnnpack_bundle, "galaxy-s25")
     assert rep["bundle_target"] == "executorch-xnnpack"
     assert all(s["ms"] > 0 for s in rep["stages"].values())
     assert "partition-record" in rep["stages"]["dit_step"]["origin"]
+    assert {s["unit"] for s in rep["stages"].values()} == {"cpu"}  # XNNPACK runs on the phone's CPU
+    assert rep["stages"]["dit_step"]["off_npu_share"] == 1.0
+    assert "unfitted" in to_markdown(rep)
 
 
 def test_precision_changes_the_model_estimate():
