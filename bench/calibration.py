@@ -109,11 +109,14 @@ def family_rows(rows: Sequence[dict[str, Any]], family: str) -> list[dict[str, A
     return [r for r in rows if profiles[r["device"]].family == family and r.get("compute_unit", "npu") in FIT_UNITS]
 
 
-def cross_validate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def cross_validate(rows: Sequence[dict[str, Any]], progress: bool = False) -> list[dict[str, Any]]:
     """Leave one model (architecture) out: refit without its rows, predict them."""
+    from tqdm.auto import tqdm
+
     arrays = _row_arrays(rows)
     out = []
-    for key in sorted({r["model"] for r in rows}):
+    keys = sorted({r["model"] for r in rows})
+    for key in tqdm(keys, desc="leave-one-model-out", unit="fit", disable=not progress):
         train = [i for i, r in enumerate(rows) if r["model"] != key]
         test = [i for i, r in enumerate(rows) if r["model"] == key]
         if not train:
@@ -133,7 +136,7 @@ def _stats(errors: Sequence[float]) -> dict[str, float]:
             "p90_abs_error": float(np.quantile(a, 0.9))} if len(a) else {}
 
 
-def calibrate(rows: Sequence[dict[str, Any]] | None = None, cv: bool = True) -> dict[str, Any]:
+def calibrate(rows: Sequence[dict[str, Any]] | None = None, cv: bool = True, progress: bool = False) -> dict[str, Any]:
     """Fit every family that has rows; with ``cv`` also its leave-one-model-out errors."""
     rows = list(rows) if rows is not None else load_rows()
     families = sorted({p.family for p in load_profiles().values()})
@@ -155,7 +158,7 @@ def calibrate(rows: Sequence[dict[str, Any]] | None = None, cv: bool = True) -> 
             "in_sample": _stats([p / r["latency_ms"] - 1 for p, r in zip(insample, fr)]),
         }
         if cv:
-            loo = cross_validate(fr)
+            loo = cross_validate(fr, progress)
             entry["leave_one_model_out"] = _stats([e["error"] for e in loo])
             signed = np.array([e["error"] for e in loo])
             entry["leave_one_model_out_signed"] = {"p10": float(np.quantile(signed, 0.1)),

@@ -1,7 +1,7 @@
 """pytest-benchmark: LCHA vs full softmax attention, one layer's chunk step at 1x/2x/4x/8x tokens.
 
 Not part of the test suite (testpaths = tests). Run:
-    python -m pytest bench/test_bench_attention.py --benchmark-only -p no:cacheprovider
+    python -m pytest bench/test_bench_attention.py --benchmark-only -n 0 -p no:cacheprovider
 For the 8x/1x ratios in one JSON table: python -m s2dit_deploy.bench.attention --model s2dit-small
 """
 

@@ -1,7 +1,7 @@
 """pytest-benchmark: s2dit-small ``dit_step``, torch eager fp32 vs XNNPACK fp32 / int8 / 8da4w.
 
 Not part of the test suite (testpaths = tests). Run:
-    python -m pytest bench/test_bench_dit_step.py --benchmark-only -p no:cacheprovider
+    python -m pytest bench/test_bench_dit_step.py --benchmark-only -n 0 -p no:cacheprovider
 The first run compiles three .pte files into build/bench-cache (minutes); later runs reuse them.
 S2DIT_BENCH_MODEL picks another model (e.g. s2dit-tiny for a quick check); S2DIT_BENCH_RESOLUTION
 another resolution (default 192x320, the s2dit-small card's deploy resolution: the bundled

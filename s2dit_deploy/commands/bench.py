@@ -91,7 +91,7 @@ def _fit(args) -> tuple[object, str]:
     from s2dit_deploy.bench.heldout import heldout_table
 
     _check_out(args.out, ("cost_model_fit.json", "cost_model_fit.md", "fitted_params.json"), args.force)
-    result = calibrate(cv=True)
+    result = calibrate(cv=True, progress=not args.json)
     result["heldout"] = heldout_table(fit=result)
     text = fit_markdown(result)
     if args.out:
