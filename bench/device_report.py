@@ -42,6 +42,21 @@ def _unit_label(off_share: float, main: str, ops) -> str:
     return f"npu ({off_share:.0%} of time off it)"
 
 
+def _known_precision(quant: str | None) -> str:
+    """A bundle's quant as a precision the cost model knows; a custom plan's name falls back to fp16
+    activations (its weights' bits are read from the artifact all the same)."""
+    from s2dit_deploy.quant.plan import PRESETS
+
+    from .cost_model import PLAIN
+
+    if quant in PLAIN or quant in PRESETS:
+        return quant
+    if quant:
+        log.warning("bundle quant %r is not a preset: estimating with fp16 activations (weight bits from the artifact)",
+                    quant)
+    return "fp16"
+
+
 def _sources(source: str | os.PathLike, checkpoint: str | None, precision: str | None):
     """(config, {stage: (ops, origin)}, precision, bundle target or None)."""
     from s2dit_deploy.bundle import is_bundle_dir, load_bundle
@@ -55,7 +70,7 @@ def _sources(source: str | os.PathLike, checkpoint: str | None, precision: str |
         bundle = load_bundle(path)
         config = ModelConfig.from_dict(bundle.model["config"])
         ops = {s: bundle_stage_ops(bundle, s) for s in STAGES if s in bundle.artifacts}
-        return config, ops, precision or bundle.info.get("quant") or "fp16", bundle.target
+        return config, ops, precision or _known_precision(bundle.info.get("quant")), bundle.target
     from s2dit_deploy.model_zoo.registry import resolve
 
     from .stage_ops import stage_ops
