@@ -15,16 +15,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from s2dit_deploy.model_zoo.pipeline import COMMIT_MODES, dit_calls_per_chunk
+from s2dit_deploy.stages import STAGE_NAMES
 from s2dit_deploy.targets.devices import DeviceProfile, get_device
 
 from .calibration import calibration_label
 from .cost_model import MODEL_VERSION, estimate_ops, family_params
 
 log = logging.getLogger(__name__)
-
-STAGES = ("text_encoder", "dit_step", "decoder")
-COMMIT_MODES = ("clean", "last-step")
-
 
 def _band(ms: float, info: dict[str, Any]) -> list[float] | None:
     q = info.get("leave_one_model_out_signed")
@@ -69,28 +67,23 @@ def _sources(source: str | os.PathLike, checkpoint: str | None, precision: str |
 
         bundle = load_bundle(path)
         config = ModelConfig.from_dict(bundle.model["config"])
-        ops = {s: bundle_stage_ops(bundle, s) for s in STAGES if s in bundle.artifacts}
+        ops = {s: bundle_stage_ops(bundle, s) for s in STAGE_NAMES if s in bundle.artifacts}
         return config, ops, precision or _known_precision(bundle.info.get("quant")), bundle.target
     from s2dit_deploy.model_zoo.registry import resolve
 
     from .stage_ops import stage_ops
 
     config, _ = resolve(str(source), checkpoint)
-    ops = {s: (stage_ops(config, s), "traced float graph (meta device)") for s in STAGES}
+    ops = {s: (stage_ops(config, s), "traced float graph (meta device)") for s in STAGE_NAMES}
     return config, ops, precision or "fp16", None
 
 
 def estimate(source: str | os.PathLike, device: str | DeviceProfile, precision: str | None = None,
              checkpoint: str | None = None, steps: int | None = None, decoder_unit: str | None = None,
-             resolution: tuple[int, int] | None = None, fit: dict[str, Any] | None = None) -> dict[str, Any]:
+             fit: dict[str, Any] | None = None) -> dict[str, Any]:
     """Table A3 estimate of a bundle or a model on ``device`` (see module docstring)."""
     dev = device if isinstance(device, DeviceProfile) else get_device(device)
     config, ops, precision, bundle_target = _sources(source, checkpoint, precision)
-    if resolution and bundle_target is None:
-        config = config.with_resolution(*resolution)
-        from .stage_ops import stage_ops
-
-        ops = {s: (stage_ops(config, s), o) for s, (_, o) in ops.items()}
     params, info = family_params(dev.family, fit)
     # the seed deploys the decoder on the iPhone GPU (supplement D.2); HTP takes it on Snapdragon
     decoder_unit = decoder_unit or ("gpu" if dev.family == "apple-ane" else "npu")
@@ -109,7 +102,7 @@ def estimate(source: str | os.PathLike, device: str | DeviceProfile, precision: 
     frames = config.stream.chunk_frames * 4
     modes = {}
     for mode in COMMIT_MODES:
-        calls = {"text_encoder": 0, "dit_step": steps + (1 if mode == "clean" else 0), "decoder": 1}
+        calls = {"text_encoder": 0, "dit_step": dit_calls_per_chunk(steps, mode), "decoder": 1}
         ms = sum(stages[s]["ms"] * calls[s] for s in stages)
         modes[mode] = {"dit_calls_per_chunk": calls["dit_step"], "ms_per_chunk": ms,
                        "ms_per_chunk_with_text": ms + stages.get("text_encoder", {}).get("ms", 0.0),

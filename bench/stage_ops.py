@@ -7,21 +7,21 @@ costs seconds and no memory.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from s2dit_deploy.model_zoo.config import ModelConfig
 from s2dit_deploy.model_zoo.registry import build_stage
-from s2dit_deploy.stages import DecoderStage, DiTStepStage, TextEncoderStage, dit_step_inputs
+from s2dit_deploy.stages import STAGE_NAMES, DecoderStage, DiTStepStage, TextEncoderStage, dit_step_inputs
 
 from .op_trace import Op, trace_ops
 
-STAGES = ("text_encoder", "dit_step", "decoder")
-
-
-def stage_ops(config: ModelConfig, stage: str) -> list[Op]:
+@lru_cache(maxsize=16)  # configs are frozen: one trace per (config, stage), shared by every estimate
+def stage_ops(config: ModelConfig, stage: str) -> tuple[Op, ...]:
     """The ops of one stage call (``dit_step``: one denoising step with a full cache window)."""
-    if stage not in STAGES:
-        raise KeyError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    if stage not in STAGE_NAMES:
+        raise KeyError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_NAMES)}")
     with torch.device("meta"):
         if stage == "text_encoder":
             mod = TextEncoderStage(build_stage(config, "text_encoder")).eval()
@@ -42,4 +42,4 @@ def stage_ops(config: ModelConfig, stage: str) -> list[Op]:
     if stage == "dit_step":  # the RoPE tables are computed on the host (real tensors), then moved
         named = dit_step_inputs(config, x, 1.0, ctx, cache, 0)
         args = tuple(named.values())
-    return trace_ops(mod, args)
+    return tuple(trace_ops(mod, args))
