@@ -33,6 +33,7 @@ TIME_LABELS = {
     "coreml": "reference executor time, not device time (MIL program interpreted on the host)",
     "executorch-qnn": "HTP emulator time on the x86 host, not phone time",
     "onnx-qnn": "HTP emulator time on the x86 host, not phone time",
+    "coreai": "Core AI runtime on the Linux CPU, not device time",
 }
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
 

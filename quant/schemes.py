@@ -131,6 +131,10 @@ TARGET_SCHEMES: dict[str, TargetSchemes] = {
         # quantization is rejected by the ANE compiler (TOOLCHAINS.md). Activations: fp16 or int8.
         TargetSchemes("coreml", ("fp16", *_LINEAR_PC, *_LUTS), ("float", "int8"),
                       "ANE: per-channel int8/int4 or LUT, never per-block"),
+        # Core AI (coreai-opt, Core AI finalize): the Neural Engine's per-channel int8/int4 and LUTs as for
+        # Core ML, static int8 activations (its export takes no 16-bit or dynamic activation quantization).
+        TargetSchemes("coreai", ("fp16", *_LINEAR_PC, *_LUTS), ("float", "int8"),
+                      "coreai-opt: per-channel int8/int4 or LUT weights, static int8 activations"),
         # XNNPACK: PT2E int8 per-channel (static int8 activations) and torchao 8da4w (int4 group 32,
         # dynamic per-token int8 activations).
         TargetSchemes("executorch-xnnpack", ("fp16", "int8-pc", "int8-pc-mse", "int4-b32"),

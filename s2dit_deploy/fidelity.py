@@ -140,6 +140,7 @@ def validate(bundle: Bundle | str, prompt: str = DEFAULT_PROMPT, num_chunks: int
             fid.psnr_db[o] = round(psnr(r, g), 2)
             fid.max_abs_err[o] = float(np.max(np.abs(r - g)))
         report["stages"][stage_name] = {**fid.__dict__, "seconds": round(time.perf_counter() - t0, 2),
+                                        "computed_in": target.numerics(art),
                                         "identical": [o for o, db in fid.psnr_db.items() if math.isinf(db)]}
     if not stream:
         report["stream"] = None

@@ -68,6 +68,10 @@ TARGET_FACTORS: dict[str, TargetFactor] = {
         3.5, None,
         "estimate, not measured at paper scale: the onnx factor (3) plus the QDQ model that "
         "onnxruntime.quantization writes before EPContext generation (0.5)"),
+    "coreai": TargetFactor(
+        2.0, None,
+        "estimate, not measured at paper scale: one fp32 chunk copy for torch.export (1), its fp16 program "
+        "copy (0.5) and coreai-torch's constants while it builds the MLIR module (0.5)"),
 }
 
 # a target registered later (or a test's) without a measured factor: the most conservative one

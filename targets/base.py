@@ -34,6 +34,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "executorch-qnn": ("s2dit_deploy.targets.qnn.target", "executorch,qnn"),
     "onnx": ("s2dit_deploy.targets.onnx.target", "onnx"),
     "onnx-qnn": ("s2dit_deploy.targets.onnx.qnn_target", "onnx,qnn"),
+    "coreai": ("s2dit_deploy.targets.coreai.target", "coreai"),
 }
 # name -> (light options module, options class): importable without any toolchain
 OPTIONS: dict[str, tuple[str, str]] = {
@@ -42,6 +43,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "executorch-qnn": ("s2dit_deploy.targets.qnn.options", "QnnOptions"),
     "onnx": ("s2dit_deploy.targets.onnx.options", "OnnxOptions"),
     "onnx-qnn": ("s2dit_deploy.targets.onnx.options", "OnnxQnnOptions"),
+    "coreai": ("s2dit_deploy.targets.coreai.options", "CoreAIOptions"),
 }
 # entries the compiler hands to prepare/compile beside the user's options (not user options)
 CONTEXT_KEYS = ("pipeline", "calibration")
@@ -284,6 +286,22 @@ class BaseTarget:
     def etrecord(self, artifact: Artifact, bundle_dir: Path) -> Path | None:
         """The artifact's ETRecord (declared capability ``etrecord``); None otherwise."""
         return None
+
+    # what this target's runner computes in on this machine, per artifact precision (``numerics``)
+    NUMERICS: ClassVar[dict[str, str]] = {}
+
+    def numerics(self, artifact: Artifact) -> str:
+        """The arithmetic a figure scored on this machine was computed in, e.g. "fp16 (Core AI runtime,
+        fp16 program)": ``validate`` prints it beside each stage, since a host fp32 run overstates the
+        fidelity of a device that computes in fp16."""
+        from s2dit_deploy.targets.floors import quant_name
+
+        meta = artifact.metadata or {}
+        precision = str(meta.get("compute_precision") or meta.get("precision")
+                        or (artifact.quant or {}).get("precision") or "fp32")
+        quant = quant_name(artifact)
+        where = self.NUMERICS.get(precision) or meta.get("runtime") or self.name
+        return f"{precision}{' + ' + quant if quant else ''} ({where})"
 
     def default_floors(self, artifact: Artifact) -> dict[str, float]:
         """PSNR floors (dB) ``validate`` applies without ``--floor``: output name or "*", and "stream"."""

@@ -45,7 +45,7 @@ def floor_kind(target: str, artifact: Any) -> str:
     q = quant_name(artifact)
     if q is None:
         precision = (artifact.metadata or {}).get("compute_precision") or (artifact.metadata or {}).get("precision")
-        if target in ("coreml", "executorch-qnn", "onnx-qnn"):
+        if target in ("coreml", "coreai", "executorch-qnn", "onnx-qnn"):
             return "fp32" if precision == "fp32" else "fp16"
         return "fp32"
     if re.search(r"(^|[^0-9])4(w|a|$)|w4|da4w", q):

@@ -45,7 +45,7 @@ SCHEMA_PATH = Path(__file__).with_name("host_loop.schema.json")
 ROPE_INPUTS = {"hi_cos": ("hi", "cos"), "hi_sin": ("hi", "sin"), "lo_cos": ("lo", "cos"), "lo_sin": ("lo", "sin")}
 RUNTIMES = {
     "coreml": "coreml", "onnx": "onnxruntime", "onnx-qnn": "onnxruntime-qnn",
-    "executorch-xnnpack": "executorch", "executorch-qnn": "executorch-qnn",
+    "executorch-xnnpack": "executorch", "executorch-qnn": "executorch-qnn", "coreai": "coreai",
 }
 
 

@@ -82,6 +82,20 @@ def _onnx(spec: dict[str, Any], qnn: bool) -> list[str]:
             "An exporter may drop an input a graph does not use: feed `session.get_inputs()` only."]
 
 
+def _coreai(spec: dict[str, Any]) -> list[str]:
+    return ["## Core AI (iOS 27 / macOS 27)", "",
+            "Each stage is one `.aimodel` folder (`main.mlirb` + metadata); the device specializes it for the "
+            "Neural Engine when it loads. The same runtime runs it on Linux from Python (coreai-core), "
+            "which is how this bundle was validated:", "",
+            "```python", "from coreai.authoring import AIModelAsset", "from coreai.runtime import NDArray", "",
+            "async with AIModelAsset.load(\"dit_step.aimodel\").executable() as model:",
+            "    fn = model.load_function(\"main\")",
+            "    out = await fn({name: NDArray(array) for name, array in feed.items()})  # device names below",
+            "```", "",
+            "Inputs and outputs are in the device layout and dtype of the tables above; keep every state output "
+            "as is and roll it per `state` in host_loop.json, as for Core ML."]
+
+
 def _commit(spec: dict[str, Any]) -> list[str]:
     """One line per commit mode of ``commit``: which call's entries are rolled in, and the cost."""
     section = spec.get("commit") or {"default": "clean", "modes": {}}
@@ -117,6 +131,8 @@ def integration_markdown(spec: dict[str, Any], soc: str | None = None) -> str:
     lines.append("")
     if target == "coreml":
         lines += _coreml(spec)
+    elif target == "coreai":
+        lines += _coreai(spec)
     elif target.startswith("executorch"):
         lines += _executorch(spec, target == "executorch-qnn", soc)
     else:

@@ -168,10 +168,10 @@ class Program:
         self.inputs, self.outputs, kind = stage["inputs"], stage["outputs"], stage["runtime"]
         files = [inside(bundle, f) for f in stage["files"]]
         self.run = {"onnxruntime": self._onnx, "executorch": self._executorch,
-                    "coreml": self._coreml}.get(kind)
+                    "coreml": self._coreml, "coreai": self._coreai}.get(kind)
         if self.run is None:
             raise HostError(f"runtime {kind!r} needs the device runtime (QNN HTP); the reference host runs "
-                            "onnxruntime, executorch (XNNPACK) and coreml bundles")
+                            "onnxruntime, executorch (XNNPACK), coreml and coreai bundles")
         getattr(self, f"_open_{kind}")(files, coreml_executor)
 
     def _open_onnxruntime(self, files, _):
@@ -214,6 +214,23 @@ class Program:
 
     def _coreml(self, feed: dict) -> dict:
         return dict(self.program.run(feed))
+
+    def _open_coreai(self, files, _):
+        import asyncio
+
+        from coreai.authoring import AIModelAsset
+
+        # the runtime is async; one loop per program keeps its executable() context open
+        self.loop = asyncio.new_event_loop()
+        self._cm = AIModelAsset.load(files[0]).executable()
+        self.fn = self.loop.run_until_complete(self._cm.__aenter__()).load_function("main")
+
+    def _coreai(self, feed: dict) -> dict:
+        from coreai.runtime import NDArray
+
+        out = self.loop.run_until_complete(self.fn({i["device_name"]: NDArray(np.ascontiguousarray(
+            feed[i["device_name"]])) for i in self.inputs}))
+        return {k: v.numpy() for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- the loop

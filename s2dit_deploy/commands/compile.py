@@ -13,7 +13,7 @@ from pathlib import Path
 from . import _checks
 
 NAME = "compile"
-TARGET_NAMES = ("coreml", "executorch-xnnpack", "executorch-qnn", "onnx", "onnx-qnn")
+TARGET_NAMES = ("coreml", "executorch-xnnpack", "executorch-qnn", "onnx", "onnx-qnn", "coreai")
 QNN_TARGETS = ("executorch-qnn", "onnx-qnn")
 
 

@@ -80,7 +80,8 @@ def render(report: dict, all_outputs: bool = False) -> str:
     if s is not None:
         lines.append(f"  decoded stream ({s['num_chunks']} chunks): PSNR {_db(s['psnr_db'])}")
     for stage, fid in report["stages"].items():
-        lines.append(f"  {stage}: {fid['calls']} call(s) scored in {fid.get('seconds', 0):.1f} s")
+        lines.append(f"  {stage}: {fid['calls']} call(s) scored in {fid.get('seconds', 0):.1f} s, computed in "
+                     f"{fid.get('computed_in', '?')}")
     verdicts = report.get("verdicts", {})
     if verdicts:
         lines.append("")

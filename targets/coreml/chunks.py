@@ -95,6 +95,8 @@ def merge_quant_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("clipped", "act_quantized"):
             merged[key] = list(merged.get(key, [])) + list(s.get(key, []))
         merged["weights"] = {**merged.get("weights", {}), **s.get("weights", {})}
+        if "layer_weights" in s:
+            merged["layer_weights"] = {**merged.get("layer_weights", {}), **s["layer_weights"]}
         counts = dict(merged.get("counts", {}))
         for k, v in (s.get("counts") or {}).items():
             counts[k] = counts.get(k, 0) + v
@@ -140,7 +142,10 @@ class _Names:
 
 
 def load_chained(bundle_dir: Path, files: list[str], pieces: list[dict[str, Any]],
-                 output_names: list[str]) -> ChainedProgram:
-    from .executor import load_program
+                 output_names: list[str], load=None) -> ChainedProgram:
+    """The chunks of a stage as one program; ``load(path)`` opens one chunk (default: the Core ML
+    reference executor; Core AI passes its runtime's loader)."""
+    if load is None:
+        from .executor import load_program as load
 
-    return ChainedProgram([Path(bundle_dir) / f for f in files], pieces, output_names, load_program)
+    return ChainedProgram([Path(bundle_dir) / f for f in files], pieces, output_names, load)

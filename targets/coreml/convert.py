@@ -28,6 +28,7 @@ import torch
 
 from s2dit_deploy.rewrites import DeviceStage, identity_stage, rewrite_stage
 from s2dit_deploy.stages import Stage
+from s2dit_deploy.targets.decompositions import VARIANCE, WHERE_SCALARS
 
 from .options import CoreMLOptions  # noqa: F401 - re-exported (the options live in a light module)
 
@@ -48,31 +49,8 @@ def export(dstage: DeviceStage) -> torch.export.ExportedProgram:
     return ep
 
 
-def _where_scalar_other(cond, x, other):
-    return torch.where(cond, x, torch.full_like(x, other))
-
-
-def _where_scalar_self(cond, x, other):
-    return torch.where(cond, torch.full_like(other, x), other)
-
-
-def _var_mean_correction(x, dim=None, *, correction=None, keepdim=False):
-    dims = list(range(x.dim())) if dim is None else list(dim)
-    mean = x.mean(dim=dims, keepdim=True)
-    n = 1
-    for d in dims:
-        n *= x.shape[d]
-    c = 1 if correction is None else correction
-    var = ((x - mean) * (x - mean)).sum(dim=dims, keepdim=keepdim) / max(n - c, 1)
-    return var, (mean if keepdim else mean.squeeze(dims))
-
-
 # ATen overloads coremltools 9.0 has no converter for, rewritten into ones it has.
-_DECOMPOSITIONS = {
-    torch.ops.aten.var_mean.correction: _var_mean_correction,
-    torch.ops.aten.where.ScalarOther: _where_scalar_other,
-    torch.ops.aten.where.ScalarSelf: _where_scalar_self,
-}
+_DECOMPOSITIONS = {**VARIANCE, **WHERE_SCALARS}
 
 
 def _drop_aliases(ep: torch.export.ExportedProgram) -> None:

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from s2dit_deploy.bundle import Artifact
-from s2dit_deploy.rewrites.device_io import IOMap, maps_from_json, maps_to_json
+from s2dit_deploy.rewrites.device_io import maps_from_json, maps_to_json
 from s2dit_deploy.stages import Stage
-from s2dit_deploy.targets.base import BaseTarget, Runner, TargetUnavailable
+from s2dit_deploy.targets.base import BaseTarget, TargetUnavailable
+from s2dit_deploy.targets.mapped_runner import DeviceIORunner
 
 from .chunks import device_parts, load_chained, merge_quant_summaries
 from .convert import convert, device_stage, metadata_for, peak_rss_mb
@@ -58,32 +58,16 @@ def apply_quant_plan(mlmodel, plan: Any, stage_name: str):
     return out, summary
 
 
-class CoreMLRunner(Runner):
-    """Host-contract tensors in and out; device layout and scales handled here (fp32 on the host)."""
-
-    def __init__(self, program: Any, inputs: list[IOMap], outputs: list[IOMap], io_dtype: str = "fp16"):
-        self.program, self.inputs, self.outputs = program, inputs, outputs
-        self.io_dtype = np.float16 if io_dtype == "fp16" else np.float32
-
-    def to_device(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [m.name for m in self.inputs if m.name not in inputs]
-        if missing:
-            raise KeyError(f"missing inputs {missing}; the stage takes {[m.name for m in self.inputs]}")
-        out = {}
-        for m in self.inputs:
-            arr = m.to_device(np.asarray(inputs[m.name]))
-            out[m.device_name] = arr.astype(self.io_dtype) if arr.dtype.kind == "f" else arr.astype(np.int32)
-        return out
-
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        dev = self.program.run(self.to_device(inputs))
-        return {m.name: m.to_host(np.asarray(dev[m.device_name]).astype(np.float32)) for m in self.outputs}
+# the Core ML runner is the shared device-I/O runner (kept under its old name)
+CoreMLRunner = DeviceIORunner
 
 
 class CoreMLTarget(BaseTarget):
     name = "coreml"
     options_cls = CoreMLOptions
     capabilities = frozenset()
+    NUMERICS = {"fp16": "Core ML reference executor: fp16 rounding after every op, as the Neural Engine",
+                "fp32": "Core ML reference executor: fp32 ops"}
 
     def float_stage(self, stage: Stage) -> Stage:
         """As is: the ANE rewrite shares the stored weights and ``device_parts`` promotes one

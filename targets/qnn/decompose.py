@@ -14,47 +14,18 @@ fp16 or 8-bit activations.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
 
+from s2dit_deploy.targets.decompositions import VARIANCE
+
 log = logging.getLogger(__name__)
-
-
-def _dims(x: torch.Tensor, dim: int | Sequence[int] | None) -> list[int]:
-    if dim is None:
-        return list(range(x.dim()))
-    dims = [dim] if isinstance(dim, int) else list(dim)
-    return sorted(d % x.dim() for d in dims) if dims else list(range(x.dim()))
-
-
-def _var_and_mean(x: torch.Tensor, dim, correction, keepdim: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    dims = _dims(x, dim)
-    mean = torch.mean(x, dim=dims, keepdim=True)
-    centered = x - mean
-    var = torch.mean(centered * centered, dim=dims, keepdim=keepdim)
-    c = 1 if correction is None else float(correction)
-    if c:
-        n = math.prod(x.shape[d] for d in dims)
-        var = var * (n / max(n - c, 0.0)) if n > c else var * float("inf")
-    if not keepdim:
-        mean = torch.squeeze(mean, dims)
-    return var, mean
-
-
-def _var_mean_correction(x, dim=None, *, correction=None, keepdim=False):
-    return _var_and_mean(x, dim, correction, keepdim)
-
-
-def _var_correction(x, dim=None, *, correction=None, keepdim=False):
-    return _var_and_mean(x, dim, correction, keepdim)[0]
 
 
 def qnn_decompositions() -> dict:
     """ATen op -> decomposition for ops QNN has no builder for (see the module docstring)."""
-    aten = torch.ops.aten
-    return {aten.var_mean.correction: _var_mean_correction, aten.var.correction: _var_correction}
+    return dict(VARIANCE)
 
 
 def _count(ep: torch.export.ExportedProgram, ops) -> int:
