@@ -158,7 +158,8 @@ def executorch_ops(bundle: Bundle, stage: str) -> list[Op]:
 
 
 # where a target's runtime puts the ops it is given (Core ML: per op, from the ANE residency rules)
-TARGET_UNIT = {"executorch-qnn": "npu", "onnx-qnn": "npu", "executorch-xnnpack": "cpu", "onnx": "cpu"}
+TARGET_UNIT = {"executorch-qnn": "npu", "onnx-qnn": "npu", "executorch-xnnpack": "cpu", "onnx": "cpu",
+               "coreai": "npu"}
 
 
 def bundle_stage_ops(bundle: Bundle, stage: str) -> tuple[list[Op], str]:
@@ -184,6 +185,10 @@ def _stage_ops(bundle: Bundle, stage: str) -> tuple[list[Op], str]:
         if src_ops:
             return src_ops, f"{art.target} program ({len(art.files)} files)"
     first = str(art.path(bundle.path, 0))
+    if art.target == "coreai":  # no op reader for .aimodel bytecode here; the program is the traced stage
+        from .stage_ops import stage_ops
+
+        return list(stage_ops(_config(bundle), stage)), "traced float graph of the bundle's config (Core AI .aimodel)"
     if first.endswith(".mlpackage"):
         return coreml_ops(first), "MIL program (.mlpackage), ANE residency rules"
     if first.endswith(".onnx"):

@@ -46,6 +46,17 @@ def tiny_xnnpack_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_coreai_bundle(tmp_path_factory):
+    """A complete s2dit-tiny coreai bundle with fp32 programs, compiled once (about 40 s)."""
+    pytest.importorskip("coreai_torch", reason="coreai-torch is not installed")
+    import s2dit_deploy as sd
+
+    out = tmp_path_factory.mktemp("tiny_coreai") / "bundle"
+    sd.compile("s2dit-tiny", target="coreai", out_dir=out, progress=False, precision="fp32")
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_coreml_export(tmp_path_factory):
     """`s2dit-deploy export s2dit-tiny --device iphone-16-pro-max` run once (about 1 min): the
     report folder and its --json summary. Its bundle/ is a plain s2dit-tiny coreml bundle."""

@@ -57,9 +57,10 @@ def coreml_bundle(tiny_coreml_export):
     return tiny_coreml_export[0] / "bundle"  # the export's bundle: a plain s2dit-tiny coreml compile
 
 
-@pytest.fixture(params=["onnx", "executorch-xnnpack", "coreml"])
+@pytest.fixture(params=["onnx", "executorch-xnnpack", "coreml", "coreai"])
 def bundle(request):
-    name = {"onnx": "onnx_bundle", "executorch-xnnpack": "tiny_xnnpack_bundle", "coreml": "coreml_bundle"}
+    name = {"onnx": "onnx_bundle", "executorch-xnnpack": "tiny_xnnpack_bundle", "coreml": "coreml_bundle",
+            "coreai": "tiny_coreai_bundle"}
     return request.getfixturevalue(name[request.param])
 
 
@@ -100,7 +101,8 @@ def test_integration_notes_name_every_device_tensor(bundle):
     for stage in spec["stages"].values():
         for t in [*stage["inputs"], *stage["outputs"]]:
             assert f"`{t['device_name']}`" in notes
-    assert {"coreml": "MLModel", "onnx": "InferenceSession", "executorch-xnnpack": "Module "}[spec["target"]] in notes
+    assert {"coreml": "MLModel", "onnx": "InferenceSession", "executorch-xnnpack": "Module ",
+            "coreai": "load_function"}[spec["target"]] in notes
 
 
 def test_coreml_caches_stay_in_device_form(coreml_bundle):

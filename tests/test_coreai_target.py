@@ -86,16 +86,13 @@ def test_decoder_is_stock_unless_asked():
     assert art.metadata["layout"] != "stock"
 
 
-def test_streaming_over_three_chunks_equals_the_float_pipeline(tmp_path):
+def test_streaming_over_three_chunks_equals_the_float_pipeline(tiny_coreai_bundle):
     """A whole tiny bundle (explicit cache I/O) streamed by the host pipeline equals float streaming."""
-    import s2dit_deploy as sd
     from s2dit_deploy.bundle import load_bundle
     from s2dit_deploy.host import bundle_pipeline
     from s2dit_deploy.model_zoo.pipeline import load_pipeline
 
-    out = tmp_path / "b"
-    sd.compile("s2dit-tiny", target="coreai", out_dir=out, progress=False, precision="fp32")
-    bundle = load_bundle(out)
+    bundle = load_bundle(tiny_coreai_bundle)
     assert {a.files[0] for a in bundle.artifacts.values()} == {"text_encoder.aimodel", "dit_step.aimodel",
                                                                "decoder.aimodel"}
     pipe = load_pipeline("s2dit-tiny")

@@ -6,9 +6,10 @@ specialization options, so an fp16 program is also how the Linux runtime is made
 the Neural Engine's precision. The module is cast, never the user's float model.
 
 Caches are explicit inputs/outputs, as for Core ML (``targets/coreml/convert.py``): the host rolls
-the cache window and commits a chunk's entries only after the t = 0 pass; states would need a
-conditional write or a second entry point. ``bench/coreai_states.py`` measures what passing the
-window as states instead of inputs would save on the Linux runtime.
+the cache window and commits a chunk's entries only after the t = 0 pass, so a state
+(``state_names=``, a mutated buffer) would need a conditional write (no control flow on the Neural
+Engine) or a second entry point sharing the weights, and the roll would copy the whole window
+inside the graph. Explicit I/O keeps one straight-line graph that every executor here can check.
 """
 
 from __future__ import annotations
