@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rows = [measure(n, args.repeats) for n in args.elements]
+    with contextlib.redirect_stdout(sys.stderr):  # coreai-torch prints its progress on stdout
+        rows = [measure(n, args.repeats) for n in args.elements]
     sys.stdout.write(json.dumps(rows, indent=1) + "\n")  # this module's CLI output
     return 0
 
