@@ -101,7 +101,7 @@ def _where_used(ep: torch.export.ExportedProgram, ops: list[str]) -> dict[str, l
     for node in ep.graph.nodes:
         if node.op == "call_function" and str(node.target) in ops:
             stack = node.meta.get("nn_module_stack") or {}
-            path = list(stack.values())[-1][0] if stack else "<stage>"
+            path = (list(stack.values())[-1][0] if stack else "") or "<stage module>"
             paths = out.setdefault(str(node.target), [])
             if path not in paths and len(paths) < 3:
                 paths.append(path)

@@ -23,8 +23,7 @@ from s2dit_deploy.errors import InputError
 log = logging.getLogger(__name__)
 
 LABEL = "Core AI runtime on the Linux CPU, not device time"
-_NP = {"float16": np.float16, "float32": np.float32, "int32": np.int32, "f16": np.float16,
-       "f32": np.float32, "i32": np.int32, "si32": np.int32}
+_NP = {"float16": np.float16, "float32": np.float32, "int32": np.int32}  # descriptor dtype names
 
 
 class CoreAILoadError(InputError):
