@@ -127,6 +127,20 @@ def test_w8a8_plan_is_compressed_by_coreai_opt_and_stays_above_its_floor():
     assert psnr(ref["velocity"], torch.from_numpy(got["velocity"])) > 35.0
 
 
+def test_a_plan_on_a_chunked_dit_is_refused_not_silently_left_float():
+    """The splitter's pieces hold weights as plain GraphModule attributes, which coreai-opt cannot
+    quantize: a plan there is refused up front instead of compiling a float program under its name."""
+    from s2dit_deploy.quant.plan import resolve_plan
+    from s2dit_deploy.targets.coreai.compress import PlanNotExpressible
+
+    out = _ROOT / "chunked-plan"
+    out.mkdir(exist_ok=True)
+    with pytest.raises(PlanNotExpressible, match="chained pieces"):
+        _target().compile(stages()["dit_step"], resolve_plan("w8a8", tiny_pipeline(), "coreai"), out,
+                          {"chunks": 2})
+    assert not list(out.iterdir())  # nothing converted
+
+
 def test_an_op_coreai_torch_cannot_lower_names_the_op_and_the_stage():
     from s2dit_deploy.stages import Stage, TensorSpec
     from s2dit_deploy.targets.coreai.convert import CoreAIConversionError

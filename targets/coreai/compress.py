@@ -111,16 +111,19 @@ def compress(module: nn.Module, examples: tuple[torch.Tensor, ...], plan, stage_
                                "act_quantized": [], "clipped": [], "unmatched_layers": [],
                                "library": "coreai-opt (ExportBackend.CoreAI)"}
     owned = layer_modules(module, list(layers))
-    # A plan layer whose weight the ANE rewrite moved out of any Linear / Conv module (the LCHA local
-    # depthwise conv becomes banded w_cur / w_past tensors) is beyond coreai-opt's module-level
-    # quantizer: it stays fp16, and the artifact says so with the reason (check_plan reports any
-    # other difference between plan and artifact).
-    unreached = sorted(n for n in set(layers) - set(owned.values()) if layers[n].weight != "fp16"
-                       or layers[n].act != "float")
+    # A plan layer whose weight the ANE rewrite moved into a module coreai-opt cannot quantize (the
+    # LCHA local depthwise conv becomes banded w_cur / w_past tensors of CausalDepthwiseTimeConv)
+    # stays fp16, and the artifact says so with the reason. A plan layer the program does not hold at
+    # all stays in unmatched_layers, which check_plan reports as a mismatch (the compile fails).
+    by_norm = {norm(n): n for n in layers}
+    held_elsewhere = {layer_of(path, by_norm) for path, m in module.named_modules()
+                      if not isinstance(m, WEIGHTED) and any(True for _ in m.parameters(recurse=False))}
+    missing = set(layers) - set(owned.values())
+    unreached = sorted(n for n in missing & held_elsewhere if layers[n].weight != "fp16" or layers[n].act != "float")
     summary["kept_float"] = {n: "the ANE rewrite holds this weight outside a Linear/Conv module, which "
                                 "coreai-opt's quantizer cannot reach (compile with rewrite=false to quantize it)"
                              for n in unreached}
-    summary["unmatched_layers"] = []
+    summary["unmatched_layers"] = sorted(missing - set(unreached))
     if unreached:
         log.warning("coreai %s: %d plan layers stay fp16: the rewrite put their weights out of coreai-opt's "
                     "reach (e.g. %s)", stage_name, len(unreached), unreached[:3])

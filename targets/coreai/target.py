@@ -25,7 +25,7 @@ from s2dit_deploy.bundle import Artifact
 from s2dit_deploy.rewrites.device_io import maps_from_json, maps_to_json
 from s2dit_deploy.stages import Stage
 from s2dit_deploy.targets.base import BaseTarget, TargetUnavailable
-from s2dit_deploy.targets.coreml.chunks import device_parts, load_chained, merge_quant_summaries
+from s2dit_deploy.targets.coreml.chunks import device_parts, load_chained, uses_splitter
 from s2dit_deploy.targets.mapped_runner import DeviceIORunner
 
 from .convert import asset_metadata, convert, device_stage, folder_bytes, save
@@ -69,6 +69,15 @@ class CoreAITarget(BaseTarget):
             _require("coreai_opt", "coreai-opt (compression)")
         t0 = time.time()
         dstage = device_stage(stage, opts)
+        if plan is not None and uses_splitter(stage, dstage, opts):
+            from .compress import PlanNotExpressible
+
+            # coreai-opt quantizes nn.Linear / nn.Conv modules; the splitter's pieces are GraphModules
+            # whose weights are plain attributes, so nothing would be compressed
+            raise PlanNotExpressible(
+                f"stage {stage.name}: a QuantPlan on coreai needs the DiT as one program from fp32 weights; "
+                "this one is split into chained pieces (chunks > 1, or fp16/bf16 checkpoint weights), which "
+                "coreai-opt cannot quantize: compile with --option chunks=1 from an fp32 checkpoint")
         files, summaries, pieces, sizes = [], [], [], {}
         for part, chunk in device_parts(stage, dstage, opts):
             extra = {"s2dit.quant": None if plan is None else getattr(plan, "name", "plan"),
@@ -103,7 +112,7 @@ class CoreAITarget(BaseTarget):
         if plan is None:
             quant: dict[str, Any] = {"precision": opts.precision}
         else:
-            quant = summaries[0] if len(summaries) == 1 else merge_quant_summaries(summaries)
+            quant = summaries[0]  # a plan always compiles the stage as one program (see above)
         return Artifact(stage.name, self.name, files, stage.contract(), quant, meta)
 
     def check_plan(self, artifact: Artifact, bundle_dir: Path, plan: Any) -> list[str]:

@@ -56,6 +56,16 @@ def _piece_stage(dstage: DeviceStage, piece: Piece, examples: tuple[torch.Tensor
     return part, outs
 
 
+def uses_splitter(stage: Stage, dstage: DeviceStage, opts: CoreMLOptions) -> bool:
+    """Whether ``device_parts`` cuts the stage with the graph splitter (its parts are then
+    GraphModule pieces, not the rewritten modules): a chunked DiT, or a DiT stored in fp16/bf16,
+    which is promoted piece by piece even as one chunk."""
+    if chunk_count(stage, dstage, opts) > 1:
+        return True
+    fp32 = weights_dtype(dstage.module) == torch.float32 and not has_compute_hooks(dstage.module)
+    return stage.name == "dit_step" and not fp32
+
+
 def device_parts(stage: Stage, dstage: DeviceStage, opts: CoreMLOptions
                  ) -> Iterator[tuple[DeviceStage, dict[str, Any] | None]]:
     """The programs to convert for a stage, one at a time: ``(part, chunk description or None)``.
@@ -63,9 +73,9 @@ def device_parts(stage: Stage, dstage: DeviceStage, opts: CoreMLOptions
     Conversion traces in fp32 (coremltools then stores fp16): a stage with fp16/bf16 weights is
     promoted piece by piece, so at most one chunk exists in fp32 beside the checkpoint's copy."""
     n = chunk_count(stage, dstage, opts)
-    fp32 = weights_dtype(dstage.module) == torch.float32 and not has_compute_hooks(dstage.module)
-    if n == 1 and (fp32 or stage.name != "dit_step"):
+    if not uses_splitter(stage, dstage, opts):
         # a small stage (text encoder, decoder): promoted whole, without the host widening hooks
+        fp32 = weights_dtype(dstage.module) == torch.float32 and not has_compute_hooks(dstage.module)
         yield (dstage if fp32 else dataclasses.replace(dstage, module=promoted(dstage.module))), None
         return
     in_names = [m.device_name for m in dstage.inputs]
@@ -95,8 +105,6 @@ def merge_quant_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("clipped", "act_quantized"):
             merged[key] = list(merged.get(key, [])) + list(s.get(key, []))
         merged["weights"] = {**merged.get("weights", {}), **s.get("weights", {})}
-        if "layer_weights" in s:
-            merged["layer_weights"] = {**merged.get("layer_weights", {}), **s["layer_weights"]}
         counts = dict(merged.get("counts", {}))
         for k, v in (s.get("counts") or {}).items():
             counts[k] = counts.get(k, 0) + v
