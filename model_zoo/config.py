@@ -131,6 +131,11 @@ class DiTConfig(JsonConfig):
     through its LCHA module (router m_n = 1), ``S`` through its SSA module (m_n = 0). Algorithm 1
     requires m_1 = m_M = 1, so a layout starts and ends with ``L`` (or ``F`` for dense baselines).
     ``search=True`` keeps both modules of every group plus differentiable routers.
+
+    Two fields let a pruned model (Taming-DiT's tri-level pruning) be a plain dense config that every
+    target compiles: ``attn_dim`` is the width of the attention projections, num_heads x head_dim
+    (0: ``dim``), so heads can go without narrowing the residual stream; ``group_blocks`` gives the
+    block count of each group (empty: ``blocks_per_group`` each), so single blocks can go.
     """
 
     dim: int
@@ -148,20 +153,26 @@ class DiTConfig(JsonConfig):
     norm_eps: float = 1e-6
     linear_attn_eps: float = 1e-4
     search: bool = False
+    attn_dim: int = 0
+    group_blocks: tuple[int, ...] = ()
 
     _section = "dit"
     _bounds = {"dim": (1, MAX_WIDTH), "ffn_dim": (1, MAX_WIDTH), "text_dim": (1, MAX_WIDTH),
                "latent_channels": (1, MAX_WIDTH), "freq_dim": (1, MAX_WIDTH), "num_heads": (1, MAX_WIDTH),
-               "blocks_per_group": (1, 64), "ssa_stride": (1, 64), "patch_size": (1, 64), "conv_kernel": (1, 63)}
+               "blocks_per_group": (1, 64), "ssa_stride": (1, 64), "attn_dim": (0, MAX_WIDTH), "group_blocks": (1, 64), "patch_size": (1, 64), "conv_kernel": (1, 63)}
 
     def __post_init__(self) -> None:
         if isinstance(self.layout, str) and len(self.layout) > MAX_LAYOUT_GROUPS:  # before anything else
             self._fail(f"layout has {len(self.layout)} groups; at most MAX_LAYOUT_GROUPS = {MAX_LAYOUT_GROUPS}")
         self._check_types()
-        if self.dim % self.num_heads:
-            self._fail(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        width = "attn_dim" if self.attn_dim else "dim"
+        if self.inner_dim % self.num_heads:
+            self._fail(f"{width}={self.inner_dim} is not divisible by num_heads={self.num_heads}")
         if self.head_dim % 2:
-            self._fail(f"head_dim={self.head_dim} (dim / num_heads) must be even for RoPE")
+            self._fail(f"head_dim={self.head_dim} ({width} / num_heads) must be even for RoPE")
+        if self.group_blocks and len(self.group_blocks) != len(self.layout):
+            self._fail(f"group_blocks has {len(self.group_blocks)} entries; layout {self.layout!r} has "
+                       f"{len(self.layout)} groups (one block count per group, or [] for blocks_per_group each)")
         bad = sorted(set(self.layout) - set(LAYOUT_CHARS))
         if bad:
             self._fail(f"layout {self.layout!r} has unknown group types {bad}; use {sorted(LAYOUT_CHARS)}")
@@ -176,8 +187,16 @@ class DiTConfig(JsonConfig):
             self._fail(f"conv_kernel {self.conv_kernel}: spatial sizes must be odd")
 
     @property
+    def inner_dim(self) -> int:
+        """Width of the attention projections (q, k, v in; o out): num_heads x head_dim."""
+        return self.attn_dim or self.dim
+
+    @property
     def head_dim(self) -> int:
-        return self.dim // self.num_heads
+        return self.inner_dim // self.num_heads
+
+    def blocks_in(self, group: int) -> int:
+        return self.group_blocks[group] if self.group_blocks else self.blocks_per_group
 
     @property
     def num_groups(self) -> int:
@@ -185,7 +204,7 @@ class DiTConfig(JsonConfig):
 
     @property
     def num_blocks(self) -> int:
-        return len(self.layout) * self.blocks_per_group
+        return sum(self.blocks_in(n) for n in range(len(self.layout)))
 
     @property
     def routers(self) -> tuple[int, ...]:
@@ -201,6 +220,15 @@ class DiTConfig(JsonConfig):
                 f"times SSA stride {self.ssa_stride} spatially"
             )
         return frames // pt, height // ph, width // pw
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields; ``attn_dim`` / ``group_blocks`` only when set, so the config.json of every model
+        without pruned widths reads exactly as it did before those fields existed."""
+        d = super().to_dict()
+        for name in ("attn_dim", "group_blocks"):
+            if not d[name]:
+                d.pop(name)
+        return d
 
     def with_layout(self, layout: str, search: bool | None = None) -> "DiTConfig":
         return dataclasses.replace(

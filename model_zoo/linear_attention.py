@@ -70,7 +70,7 @@ class LinConvHybridAttention(HeadProjections):
         kt, kh, kw = cfg.conv_kernel
         self.tail = kt - 1
         self.local = nn.Conv3d(
-            cfg.dim, cfg.dim, cfg.conv_kernel, padding=(0, kh // 2, kw // 2), groups=cfg.dim
+            cfg.inner_dim, cfg.inner_dim, cfg.conv_kernel, padding=(0, kh // 2, kw // 2), groups=cfg.inner_dim
         )
 
     def _features(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):

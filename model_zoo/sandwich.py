@@ -125,11 +125,12 @@ class Sandwich(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.search = cfg.search
-        n_groups, per = cfg.num_groups, cfg.blocks_per_group
+        n_groups = cfg.num_groups
         needs_up, needs_down = switch_points(cfg.routers)
         self.groups = nn.ModuleList()
         for n, kind in enumerate(cfg.layout):
             g = nn.ModuleDict()
+            per = cfg.blocks_in(n)
             if self.search or kind != "S":
                 g["high"] = nn.ModuleList(DiTBlock(cfg, "F" if kind == "F" else "L") for _ in range(per))
             if self.search or kind == "S":

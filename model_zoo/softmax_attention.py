@@ -36,10 +36,11 @@ class HeadProjections(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
-        self.q = nn.Linear(cfg.dim, cfg.dim)
-        self.k = nn.Linear(cfg.dim, cfg.dim)
-        self.v = nn.Linear(cfg.dim, cfg.dim)
-        self.o = nn.Linear(cfg.dim, cfg.dim)
+        inner = cfg.inner_dim
+        self.q = nn.Linear(cfg.dim, inner)
+        self.k = nn.Linear(cfg.dim, inner)
+        self.v = nn.Linear(cfg.dim, inner)
+        self.o = nn.Linear(inner, cfg.dim)
         self.q_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
         self.k_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
 

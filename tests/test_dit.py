@@ -1,5 +1,8 @@
 """Shapes at the paper's 512x288, timestep handling, and config validation."""
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -52,6 +55,9 @@ def test_gradients_reach_every_parameter():
         (dict(layout="LXL"), "unknown group types"),
         (dict(layout="LFL", search=True), "search mode"),
         (dict(num_heads=3), "divisible"),
+        (dict(attn_dim=24, num_heads=5), "attn_dim=24 is not divisible"),
+        (dict(group_blocks=(1, 2)), "group_blocks has 2 entries"),
+        (dict(group_blocks=(1, 0, 1, 1)), r"group_blocks\[1\] must be in \[1, 64\]"),
     ],
 )
 def test_bad_dit_configs_are_rejected(kwargs, match):
@@ -69,5 +75,10 @@ def test_resolution_not_divisible_by_patch_and_stride_is_rejected():
 def test_config_json_round_trip():
     cfg = get_card("s2dit-small").config
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert "attn_dim" not in cfg.dit.to_dict()  # unset pruning fields keep old config.json files as they were
+    pruned = dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, num_heads=2, attn_dim=128,
+                                                              group_blocks=(2, 1, 1, 2, 1, 2)))
+    assert ModelConfig.from_dict(json.loads(json.dumps(pruned.to_dict()))) == pruned
+    assert pruned.dit.num_blocks == 9 and pruned.dit.head_dim == 64
     with pytest.raises(ValueError, match="unknown config keys"):
         DiTConfig.from_dict({**cfg.dit.to_dict(), "bogus": 1})

@@ -66,14 +66,24 @@ def test_time_shift_conv_equals_causal_conv3d():
     assert not any(isinstance(m, nn.Conv3d) for m in rew.modules())
 
 
-@pytest.mark.parametrize("opts", [
-    AneOptions(),
-    AneOptions(split_heads=False),
-    AneOptions(fold_schedule=(1.0, 0.63, 0.0)),
-    AneOptions(fold_io=False),
-], ids=["split", "batched-heads", "folded-adaln", "device-layout-io"])
-def test_dit_step_rewrite_equals_float_tiny(opts):
-    pipe = _pipe(stages=("dit",))
+PRUNED = {"attn_dim": 16, "num_heads": 1, "group_blocks": (1, 2, 2, 1), "ffn_dim": 48}
+
+
+@pytest.mark.parametrize("opts, pruned", [
+    (AneOptions(), False),
+    (AneOptions(split_heads=False), False),
+    (AneOptions(fold_schedule=(1.0, 0.63, 0.0)), False),
+    (AneOptions(fold_io=False), False),
+    (AneOptions(), True),
+], ids=["split", "batched-heads", "folded-adaln", "device-layout-io", "pruned-widths"])
+def test_dit_step_rewrite_equals_float_tiny(opts, pruned):
+    """``pruned-widths``: a dense model out of tri-level pruning (fewer heads than dim / head_dim,
+    uneven blocks per group, narrower FFN) needs nothing special from the rewrite."""
+    changes = {}
+    if pruned:
+        base = get_card("s2dit-tiny").config
+        changes["dit"] = dataclasses.replace(base.dit, **PRUNED)
+    pipe = _pipe(stages=("dit",), **changes)
     stage = build_stages(pipe, ("dit_step",))["dit_step"]
     named = stream_inputs(pipe, stage)
     before = {k: v.clone() for k, v in pipe.dit.state_dict().items()}

@@ -22,9 +22,11 @@ def stream(model, x, t, ctx, stream_cfg):
     return torch.cat(outs, dim=2)
 
 
-@pytest.mark.parametrize("layout", ["LSSL", "LSLSL", "LFL"])
-def test_streaming_equals_full_block_causal_window(layout):
-    model = S2DiT(tiny_dit_config(layout)).eval()
+@pytest.mark.parametrize("layout, pruned", [("LSSL", {}), ("LSLSL", {}), ("LFL", {}),
+                                            ("LSSL", {"attn_dim": 16, "num_heads": 1, "group_blocks": (1, 2, 1, 2)})],
+                         ids=["LSSL", "LSLSL", "LFL", "LSSL-pruned-widths"])
+def test_streaming_equals_full_block_causal_window(layout, pruned):
+    model = S2DiT(tiny_dit_config(layout, **pruned)).eval()
     cfg = StreamConfig(chunk_frames=3, window_chunks=2)
     x = torch.randn(2, 16, 15, 8, 12)  # 5 chunks: the window evicts chunks 0 and 1
     t = torch.rand(2, 15)

@@ -36,10 +36,11 @@ class _Projections(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q = Conv1x1(cfg.dim, cfg.dim)
-        self.k = Conv1x1(cfg.dim, cfg.dim)
-        self.v = Conv1x1(cfg.dim, cfg.dim)
-        self.o = Conv1x1(cfg.dim, cfg.dim)
+        inner = cfg.inner_dim
+        self.q = Conv1x1(cfg.dim, inner)
+        self.k = Conv1x1(cfg.dim, inner)
+        self.v = Conv1x1(cfg.dim, inner)
+        self.o = Conv1x1(inner, cfg.dim)
         self.q_norm = ChannelLayerNorm(cfg.head_dim, cfg.norm_eps, axis=2)
         self.k_norm = ChannelLayerNorm(cfg.head_dim, cfg.norm_eps, axis=2)
 
@@ -52,7 +53,7 @@ class AneLCHA(_Projections):
         self.grid, self.split = grid, split_heads
         self.tokens = grid[0] * grid[1] * grid[2]
         self.eps = max(cfg.linear_attn_eps / self.tokens, eps_floor)
-        self.local = CausalDepthwiseTimeConv(cfg.dim, cfg.conv_kernel, grid[0])
+        self.local = CausalDepthwiseTimeConv(cfg.inner_dim, cfg.conv_kernel, grid[0])
 
     def step(self, x, rope, cache: dict[str, torch.Tensor]):
         b, c, _, n = x.shape
@@ -78,8 +79,9 @@ class AneLCHA(_Projections):
 
         glob = per_head(readout, self.split, kv, q_rot, q, ksum)
         t, gh, gw = self.grid
-        cur = v_tok.reshape(b, c, t, gh * gw)
-        local = self.local(cur, cache["vtail"], (gh, gw)).reshape(b, c, 1, n)
+        inner = v_tok.shape[1]  # h * d: narrower than c after head pruning
+        cur = v_tok.reshape(b, inner, t, gh * gw)
+        local = self.local(cur, cache["vtail"], (gh, gw)).reshape(b, inner, 1, n)
         out = self.o(from_heads(glob) + local)
         p = self.local.past
         tail = cur[:, :, t - p :] if t >= p else torch.cat([cache["vtail"], cur], dim=2)[:, :, -p:]

@@ -116,10 +116,10 @@ class AneSandwich(nn.Module):
         self.cfg, self.hi_grid, self.lo_grid = cfg, hi_grid, lo_grid
         needs_up, needs_down = switch_points(cfg.routers)
         self.groups = nn.ModuleList()
-        for kind in cfg.layout:
+        for n, kind in enumerate(cfg.layout):
             g = nn.ModuleDict()
             branch, bkind, grid = ("low", "S", lo_grid) if kind == "S" else ("high", kind, hi_grid)
-            g[branch] = nn.ModuleList(AneBlock(cfg, bkind, grid, opts) for _ in range(cfg.blocks_per_group))
+            g[branch] = nn.ModuleList(AneBlock(cfg, bkind, grid, opts) for _ in range(cfg.blocks_in(n)))
             self.groups.append(g)
         self.ups = nn.ModuleDict({str(n): AneUpsampler(cfg.dim, cfg.ssa_stride) for n in sorted(needs_up)})
         self.downs = nn.ModuleDict({str(n): AneDownsampler(cfg.dim, cfg.ssa_stride) for n in sorted(needs_down)})

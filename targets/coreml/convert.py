@@ -197,7 +197,8 @@ def _pipeline(name: str, stage: str, resolution: tuple[int, int] | None, dim: in
     if dim:  # reduced-width variant of the same architecture (same layout, heads of the same size)
         heads = max(1, dim // cfg.dit.head_dim)
         cfg = dataclasses.replace(cfg, dit=dataclasses.replace(
-            cfg.dit, dim=dim, num_heads=heads, ffn_dim=cfg.dit.ffn_dim * dim // cfg.dit.dim))
+            cfg.dit, dim=dim, num_heads=heads, ffn_dim=cfg.dit.ffn_dim * dim // cfg.dit.dim,
+            attn_dim=heads * cfg.dit.head_dim if cfg.dit.attn_dim else 0))
         folder = None
     need = {"text_encoder": "text_encoder", "dit_step": "dit", "decoder": "decoder"}[stage]
     mods = {s: load_stage(cfg, folder, s) if s == need else None for s in ("text_encoder", "dit", "decoder")}
