@@ -77,12 +77,18 @@ class S2DiT(nn.Module):
     def forward(self, x, t, context, chunk_frames: int | None = None, window: int | None = None,
                 routers: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, 16, F, H, W), t scalar/(B,)/(B, F), context (B, L, text_dim) -> velocity like x."""
+        y, temb, grid = self.features(x, t, context, chunk_frames, window, routers)
+        return self.final(y, temb, grid)
+
+    def features(self, x, t, context, chunk_frames: int | None = None, window: int | None = None,
+                 routers: torch.Tensor | None = None):
+        """The sandwich's output tokens y-hat (Algorithm 1's output, what Eq. 10 distills), the
+        timestep embedding and the token grid: ``forward`` without the AdaLN head."""
         y, grid = self.embed(x)
         temb, e = self.time(t, x.shape[0], grid[0], y.dtype)
         hi, lo = self.resolutions(grid, 0, y.dtype)
         ctx = self.text_embedding(context)
-        y = self.sandwich(y, e, ctx, hi, lo, chunk_frames, window, routers)
-        return self.final(y, temb, grid)
+        return self.sandwich(y, e, ctx, hi, lo, chunk_frames, window, routers), temb, grid
 
     # ---- streaming ----------------------------------------------------------------------------
     def step(self, x, t, context, cache: dict[str, torch.Tensor], frame_offset: int | torch.Tensor = 0,

@@ -71,3 +71,29 @@ def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Hinge GAN, discriminator side."""
     return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+
+def self_distillation_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """Eq. 10 (S2DiT supplement A): || y-hat - T(y) ||^2, the routed sandwich's output tokens against
+    the all-self-attention teacher's on the same input tokens (mean over tokens and channels)."""
+    return F.mse_loss(student_features, teacher_features.detach())
+
+
+def velocity_kd_loss(student_v: torch.Tensor, teacher_v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Match a teacher's velocity on the noised frames (t > 0; clean context frames carry no target)."""
+    err = (student_v - teacher_v.detach()).square().mean(dim=(1, 3, 4))
+    weight = (t > 0).float()
+    return ((err * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)).mean()
+
+
+def feature_alignment_loss(teacher_features, student_features, aligners) -> torch.Tensor:
+    """Eq. 5 (Taming-DiT): (1/N) sum_i sim(y_t_i, F_i(y_s_i)) over the N block groups, with F_i a
+    learnable affine map from student to teacher width and sim the mean squared distance (0 when the
+    aligned features are identical)."""
+    terms = [F.mse_loss(f(ys), yt.detach()) for yt, ys, f in zip(teacher_features, student_features, aligners)]
+    return torch.stack(terms).mean()
+
+
+def pruning_loss(flow_loss: torch.Tensor, distill_loss: torch.Tensor, alpha: float = 0.01) -> torch.Tensor:
+    """Eq. 6 (Taming-DiT): L_flow-matching + alpha * L_distill, alpha = 0.01 in the paper."""
+    return flow_loss + alpha * distill_loss

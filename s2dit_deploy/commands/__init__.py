@@ -3,6 +3,6 @@
 ``run`` returns the machine-readable result (printed with ``--json``) and the human text.
 """
 
-from . import bench, calibrate, compile, export, generate, init, models, train, validate
+from . import bench, calibrate, compile, export, generate, init, models, prune, search, train, validate
 
-COMMANDS = (models, init, export, generate, compile, validate, bench, calibrate, train)
+COMMANDS = (models, init, export, generate, compile, validate, bench, calibrate, train, search, prune)

@@ -18,6 +18,10 @@ RECIPES = {
     "pretrain": ("flow-matching pretraining of S2DiT + text encoder (block-causal, EMA)", "PretrainConfig", "pretrain", "train_pretrain"),
     "distill": ("few-step streaming distillation: Self-Forcing rollouts + DMD (4/2/1 steps)", "DistillConfig", "distill", "train_distill"),
     "decoder": ("efficient decoder against the frozen codec encoder (L1 + perceptual [+ GAN])", "DecoderTrainConfig", "decoder_train", "train_decoder"),
+    "classifier": ("the metrics classifier of the FVD proxy and attribute accuracy (synthetic clips)", "ClassifierTrainConfig", "classifier", "train_classifier"),
+    "latent-flow": ("a DiT of any shape on latents sampled from a trained model (flow matching, or velocity KD "
+                    "from --kd-from: the dense search teacher, a supernet to prune, direct baselines)",
+                    "LatentFlowConfig", "latent_flow", "train_latent_flow"),
 }
 
 
@@ -37,11 +41,15 @@ def add_recipes(p: argparse.ArgumentParser) -> None:
         r.add_argument("--steps", type=int, default=None, help="total optimizer steps")
         r.add_argument("--batch-size", type=int, default=None, help="global batch size")
         r.add_argument("--seed", type=int, default=None)
-        r.add_argument("--height", type=int, default=None, help="clip height (multiple of 32)")
-        r.add_argument("--width", type=int, default=None, help="clip width (multiple of 32)")
-        if name != "codec":
+        if name != "latent-flow":  # its clips are the latent set's, sampled at the model's resolution
+            r.add_argument("--height", type=int, default=None, help="clip height (multiple of 32)")
+            r.add_argument("--width", type=int, default=None, help="clip width (multiple of 32)")
+        if name not in ("codec", "classifier", "latent-flow"):
             r.add_argument("--codec", default=None, help="codec run folder ('none': untrained, tests only)")
-        if name in ("pretrain", "decoder"):
+        if name == "latent-flow":
+            r.add_argument("--init", default=None, help="checkpoint whose DiT weights start the run")
+            r.add_argument("--kd-from", default=None, help="checkpoint whose velocity is the target (KD)")
+        if name in ("pretrain", "decoder", "latent-flow"):
             r.add_argument("--model", default=None, help="model card whose architecture is trained (default s2dit-small)")
         if name == "distill":
             r.add_argument("--teacher", default=None, help="pretrain run folder (its EMA model is the teacher)")
@@ -50,6 +58,7 @@ def add_recipes(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> tuple[object, str]:
+    import dataclasses
     import importlib
 
     import torch
@@ -60,10 +69,13 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"out": args.out, "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
-                 "data.height": args.height, "data.width": args.width}
-    for key in ("codec", "model", "teacher"):
+                 "data.height": getattr(args, "height", None), "data.width": getattr(args, "width", None)}
+    for key in ("codec", "model", "teacher", "init", "kd_from"):
         overrides[key] = getattr(args, key, None)
-    cfg = configs.load_config(getattr(configs, cls_name), args.config, **overrides)
+    cls = getattr(configs, cls_name)
+    names = {f.name for f in dataclasses.fields(cls)}
+    overrides = {k: v for k, v in overrides.items() if k in names or (k.startswith("data.") and "data" in names)}
+    cfg = configs.load_config(cls, args.config, **overrides)
     train = getattr(importlib.import_module(f"s2dit_deploy.reference_training.{module}"), fn)
     result = train(cfg, progress=not getattr(args, "json", False))
     result = {k: v for k, v in result.items() if k not in ("history",)}
