@@ -208,6 +208,7 @@ class SearchConfig:
     tau_end: float = 0.2
     max_eval_layouts: int = 64
     eval_batches: int = 4
+    classifier: str | None = None  # metrics classifier folder: adds the FVD proxy of the searched model
     clean_context_prob: float = 0.25
     logit_mean: float = 0.0
     logit_std: float = 1.0
