@@ -148,7 +148,40 @@ def _check(cfg, ints: dict[str, int] = {}, floats: dict[str, tuple[float, float]
 
 
 @dataclass(frozen=True)
-class LatentFlowConfig:
+class LatentRecipe:
+    """Fields shared by the recipes that learn from latent sets (latent-flow, search, prune)."""
+
+    latents: str | None = None  # latent set folder (default: <out>/latents, sampled from the source model)
+    heldout: str | None = None  # held-out latent set (default: <out>/heldout; other prompts and noise)
+    count: int = 512
+    heldout_count: int = 64
+    chunks: int = 2
+    classifier: str | None = None  # metrics classifier folder: adds the FVD proxy to the result
+    batch_size: int = 8
+    clean_context_prob: float = 0.25
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    window: int = 2
+    chunk_frames: int = 3
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 10
+    resume: bool = True
+
+    def _check_common(self, ints: dict[str, int], floats: dict[str, tuple[float, float]],
+                      optional_ints: dict[str, int] = {}) -> None:  # noqa: B006
+        _check(self, ints={"count": 1, "heldout_count": 1, "chunks": 1, "batch_size": 1, "window": 1,
+                           "chunk_frames": 1, "seed": 0, "checkpoint_every": 1, "log_every": 1, **ints},
+               floats={"clean_context_prob": (0, 1), "logit_std": (1e-6, 100), "logit_mean": (-100, 100), **floats},
+               optional_ints=optional_ints)
+        for name in ("dit", "teacher_dit"):
+            if not isinstance(getattr(self, name, {}), dict):
+                raise RecipeConfigError(f"{type(self).__name__}.{name} must be an object of DiT config fields, "
+                                        f"got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class LatentFlowConfig(LatentRecipe):
     """Train a DiT on a latent set: flow matching, or velocity KD from ``kd_from`` (the dense teacher)."""
 
     out: str = "runs/latent-flow"
@@ -156,127 +189,67 @@ class LatentFlowConfig:
     dit: dict = field(default_factory=dict)  # DiT config fields to change, e.g. {"layout": "FFFFFF"}
     init: str | None = None  # checkpoint whose DiT weights start the run (F layouts inherit L/S blocks)
     kd_from: str | None = None  # a checkpoint: match its velocity instead of the flow-matching target
-    latents: str | None = None  # latent set folder (default: <out>/latents, sampled from ``model``)
-    heldout: str | None = None  # held-out latent set (default: <out>/heldout)
-    count: int = 512
-    heldout_count: int = 64
-    chunks: int = 2
-    classifier: str | None = None  # metrics classifier folder: adds the FVD proxy to the result
     steps: int = 300
-    batch_size: int = 8
     lr: float = 2e-4
     warmup: int = 20
     grad_clip: float = 1.0
     ema_decay: float = 0.99
-    clean_context_prob: float = 0.25
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    window: int = 2
-    chunk_frames: int = 3
-    seed: int = 0
-    checkpoint_every: int = 50
-    log_every: int = 10
-    resume: bool = True
 
     def __post_init__(self) -> None:
-        _check(self, ints={"count": 1, "heldout_count": 1, "chunks": 1, "steps": 1, "batch_size": 1, "warmup": 0,
-                           "window": 1, "chunk_frames": 1, "seed": 0, "checkpoint_every": 1, "log_every": 1},
-               floats={"lr": (0, 1), "grad_clip": (0, 1e6), "ema_decay": (0, 1), "clean_context_prob": (0, 1),
-                       "logit_std": (1e-6, 100), "logit_mean": (-100, 100)})
-        if not isinstance(self.dit, dict):
-            raise RecipeConfigError(f"LatentFlowConfig.dit must be an object of DiT config fields, got {self.dit!r}")
+        self._check_common(ints={"steps": 1, "warmup": 0},
+                           floats={"lr": (0, 1), "grad_clip": (0, 1e6), "ema_decay": (0, 1)})
 
 
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(LatentRecipe):
     """Sandwich search (supplement A) from an all-self-attention teacher."""
 
     out: str = "runs/search"
     teacher: str = "runs/dense-teacher/model"  # checkpoint with an all-F layout
-    latents: str | None = None
-    heldout: str | None = None
-    count: int = 512
-    heldout_count: int = 64
-    chunks: int = 2
     k: int | None = None  # LCHA groups among the M-2 middle ones (default: the most the budget affords)
     budget: float | None = None  # in the cost unit (default: halfway between the cheapest and all-L)
     steps: int = 300
-    batch_size: int = 8
     lr: float = 1e-4
     router_lr: float = 5e-2
     tau_start: float = 1.0
     tau_end: float = 0.2
     max_eval_layouts: int = 64
     eval_batches: int = 4
-    classifier: str | None = None  # metrics classifier folder: adds the FVD proxy of the searched model
-    clean_context_prob: float = 0.25
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    window: int = 2
-    chunk_frames: int = 3
-    seed: int = 0
-    checkpoint_every: int = 50
-    log_every: int = 10
-    resume: bool = True
 
     def __post_init__(self) -> None:
-        _check(self, ints={"count": 1, "heldout_count": 1, "chunks": 1, "steps": 1, "batch_size": 1,
-                           "max_eval_layouts": 1, "eval_batches": 1, "window": 1, "chunk_frames": 1, "seed": 0,
-                           "checkpoint_every": 1, "log_every": 1}, optional_ints={"k": 0},
-               floats={"lr": (0, 1), "router_lr": (0, 100), "tau_start": (1e-3, 100), "tau_end": (1e-3, 100),
-                       "clean_context_prob": (0, 1), "logit_std": (1e-6, 100), "logit_mean": (-100, 100)})
+        self._check_common(ints={"steps": 1, "max_eval_layouts": 1, "eval_batches": 1}, optional_ints={"k": 0},
+                           floats={"lr": (0, 1), "router_lr": (0, 100), "tau_start": (1e-3, 100), "tau_end": (1e-3, 100)})
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
                                         or not math.isfinite(self.budget) or self.budget <= 0):
             raise RecipeConfigError(f"SearchConfig.budget must be a positive number, got {self.budget!r}")
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(LatentRecipe):
     """KD-guided tri-level pruning (Taming-DiT Sec. 4.2) of a trained supernet checkpoint."""
 
     out: str = "runs/prune"
     teacher: str = "runs/wide/model"  # the supernet: pruned student starts from it, KD aligns to it
     teacher_dit: dict = field(default_factory=dict)  # --plan only: DiT fields changed on paper (a 2B base)
-    latents: str | None = None
-    heldout: str | None = None
-    count: int = 512
-    heldout_count: int = 64
-    chunks: int = 2
     keep_blocks: int | None = None  # blocks kept in all (>= 1 per group); default: all
     keep_heads: int | None = None  # heads kept per attention (self and cross); default: all
     keep_ffn: int | None = None  # FFN channels kept per block (a multiple of ffn_group); default: all
-    target_params: int | None = None  # instead of the three: the largest shape at most this many DiT params
+    target_params: int | None = None  # instead of the three: the least-pruned shape with at most this many DiT params
     ffn_group: int = 16  # channels per FFN mask unit (group-wise candidate sets)
     mask_steps: int = 100  # phase 1: masks learned jointly with the weights (Eq. 6 loss)
     finetune_steps: int = 200  # phase 2: the dense compact model, fine-tuned with Eq. 6
-    batch_size: int = 8
     lr: float = 1e-4
     mask_lr: float = 5e-2
     aligner_lr: float = 1e-3
     alpha: float = 0.01
     tau_start: float = 1.0
     tau_end: float = 0.2
-    classifier: str | None = None
-    clean_context_prob: float = 0.25
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    window: int = 2
-    chunk_frames: int = 3
-    seed: int = 0
-    checkpoint_every: int = 50
-    log_every: int = 10
-    resume: bool = True
 
     def __post_init__(self) -> None:
-        _check(self, ints={"count": 1, "heldout_count": 1, "chunks": 1, "ffn_group": 1, "mask_steps": 0,
-                           "finetune_steps": 0, "batch_size": 1, "window": 1, "chunk_frames": 1, "seed": 0,
-                           "checkpoint_every": 1, "log_every": 1},
-               optional_ints={"keep_blocks": 0, "keep_heads": 0, "keep_ffn": 0, "target_params": 1},
-               floats={"lr": (0, 1), "mask_lr": (0, 100), "aligner_lr": (0, 1), "alpha": (0, 1e3),
-                       "tau_start": (1e-3, 100), "tau_end": (1e-3, 100), "clean_context_prob": (0, 1),
-                       "logit_std": (1e-6, 100), "logit_mean": (-100, 100)})
-        if not isinstance(self.teacher_dit, dict):
-            raise RecipeConfigError(f"PruneConfig.teacher_dit must be an object of DiT config fields, got {self.teacher_dit!r}")
+        self._check_common(ints={"ffn_group": 1, "mask_steps": 0, "finetune_steps": 0},
+                           optional_ints={"keep_blocks": 0, "keep_heads": 0, "keep_ffn": 0, "target_params": 1},
+                           floats={"lr": (0, 1), "mask_lr": (0, 100), "aligner_lr": (0, 1), "alpha": (0, 1e3),
+                                   "tau_start": (1e-3, 100), "tau_end": (1e-3, 100)})
         explicit = [n for n in ("keep_blocks", "keep_heads", "keep_ffn") if getattr(self, n) is not None]
         if self.target_params is not None and explicit:
             raise RecipeConfigError(f"PruneConfig: give target_params or {explicit}, not both")

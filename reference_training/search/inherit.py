@@ -19,9 +19,6 @@ from ...errors import InputError
 from ...model_zoo.config import DiTConfig
 from ...model_zoo.dit import S2DiT
 
-SHAPE_FIELDS = ("dim", "num_heads", "ffn_dim", "text_dim", "latent_channels", "patch_size", "blocks_per_group",
-                "attn_dim", "group_blocks", "freq_dim")
-
 
 class TeacherMismatchError(InputError):
     """The teacher is not the all-self-attention counterpart of the student's groups."""
@@ -31,7 +28,7 @@ def check_teacher(teacher: DiTConfig, groups: int | None = None) -> None:
     if set(teacher.layout) != {"F"}:
         raise TeacherMismatchError(f"the search teacher must be all self-attention (layout of F groups, as "
                                    f"supplement A's T), got layout {teacher.layout!r}; build one with "
-                                   "`s2dit-deploy train dense-teacher`")
+                                   "`s2dit-deploy train latent-flow --config reference_training/recipes/dense-teacher.json`")
     if groups is not None and teacher.num_groups != groups:
         raise TeacherMismatchError(f"teacher has {teacher.num_groups} groups, the search space has {groups}")
 

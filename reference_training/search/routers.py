@@ -31,12 +31,6 @@ def sample_fixed_k(logits: torch.Tensor, k: int, tau: float, generator: torch.Ge
     return torch.cat([one, topk_ste(scores, k, tau, generator), one])
 
 
-def argmax_fixed_k(logits: torch.Tensor, k: int) -> str:
-    """The noise-free top-k layout of the current scores."""
-    m = sample_fixed_k(logits.detach(), k, 1.0, None)
-    return "".join("L" if v > 0.5 else "S" for v in m.tolist())
-
-
 def layout_routers(layout: str, like: torch.Tensor) -> torch.Tensor:
     """Constant router values of a fixed layout (for scoring a layout with the routed model)."""
     return torch.tensor([0.0 if c == "S" else 1.0 for c in layout], dtype=like.dtype, device=like.device)

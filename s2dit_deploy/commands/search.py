@@ -7,10 +7,10 @@ the device cost model's estimate (``--device``, milliseconds, at ``--resolution`
 (``--flops``). Outputs in --out: ``model/`` (the fixed layout's checkpoint; compile it as it is),
 ``result/search.json``, ``pareto.png``, ``costs.json``, ``log.jsonl``; a rerun resumes.
 
-  s2dit-deploy train latent-flow --model s2dit-small --init s2dit-small --kd-from s2dit-small \\
-      --config dense.json --out runs/dense-teacher          # dense.json: {"dit": {"layout": "FFFFFF"}}
+  s2dit-deploy train latent-flow --config reference_training/recipes/dense-teacher.json --out runs/dense-teacher
   s2dit-deploy search --teacher runs/dense-teacher/model --device iphone-16-pro-max --out runs/search
-  torchrun is not needed: the search model is small enough for one process per run.
+
+The search runs in one process (no torchrun path yet).
 """
 
 from __future__ import annotations
