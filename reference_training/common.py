@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from s2dit_deploy.model_zoo.checkpoint import atomic_folder
 from torch import nn
+
+from .configs import RecipeConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        # rank 0 may sample a latent set while the others wait at a barrier: allow it time
+        dist.init_process_group(backend, timeout=timedelta(hours=2))
         log.info("initialized %s process group: rank %d of %d", backend, dist.get_rank(), world)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if torch.cuda.is_available():
@@ -49,6 +53,43 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
     return module
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or no process group): the one process that writes files and output."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def check_batch_split(batch_size: int, world: int, recipe: str) -> None:
+    """Every rank takes an equal slice of the global batch, so the DDP-averaged gradient is the
+    global batch's gradient; a batch that does not split evenly is refused before any work."""
+    if batch_size % world:
+        raise RecipeConfigError(f"{recipe}.batch_size={batch_size} does not split evenly over WORLD_SIZE={world} "
+                                "processes; choose a multiple of the process count")
+
+
+class LossModule(nn.Module):
+    """One module whose forward is a whole training loss, for DDP.
+
+    Why not wrap the student alone: DDP averages the gradients of the module it wraps and hooks
+    its ``forward``. The architecture recipes' losses train several modules at once (the student,
+    its router logits, pruning masks, the KD aligners) and call ``S2DiT.features`` rather than
+    ``forward``. With the loss as the forward of one module that holds them all, DDP syncs every
+    trainable tensor in its one bucketed all-reduce, and nothing is synced by hand.
+    """
+
+    def __init__(self, loss, **parts: nn.Module):
+        super().__init__()
+        self.parts = nn.ModuleDict(parts)
+        self._loss = loss
+
+    def forward(self, *args, **kwargs):
+        return self._loss(*args, **kwargs)
+
+
+def ddp_loss(loss, device: torch.device, **parts: nn.Module) -> nn.Module:
+    """``loss`` as a module over ``parts``, under DDP when several processes run."""
+    return wrap_ddp(LossModule(loss, **parts), device)
 
 
 def mean_across_ranks(value: torch.Tensor) -> float:
@@ -109,7 +150,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     for idx, state in sd["state"].items():
         meta["state_keys"][str(idx)] = sorted(state)
         for key, value in state.items():
-            tensors[f"{idx}.{key}"] = torch.as_tensor(value).contiguous()
+            tensors[f"{idx}.{key}"] = torch.as_tensor(value).cpu().contiguous()
     return tensors, meta
 
 
@@ -125,7 +166,7 @@ def save_training_state(folder: str | Path, modules: dict[str, nn.Module | dict]
     with atomic_folder(folder) as tmp:
         for name, m in modules.items():
             sd = m if isinstance(m, dict) else m.state_dict()
-            save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
         optim_meta = {}
         for name, opt in optimizers.items():
             tensors, optim_meta[name] = _optimizer_tensors(opt)

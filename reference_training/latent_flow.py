@@ -27,7 +27,8 @@ from ..model_zoo.config import DiTConfig
 from ..model_zoo.dit import S2DiT
 from ..model_zoo.registry import load_stage, resolve
 from .arch_eval import fvd_proxy, heldout_loss
-from .common import EMA, append_jsonl, load_training_state, lr_at, save_training_state
+from .common import (EMA, append_jsonl, barrier, check_batch_split, ddp_loss, init_distributed, is_main_process,
+                     load_training_state, lr_at, mean_across_ranks, save_training_state)
 from .configs import LatentFlowConfig, RecipeConfigError, write_config
 from .latent_set import ensure_sets, noised_batch
 from .losses import flow_matching_loss, velocity_kd_loss
@@ -77,15 +78,34 @@ def evaluate_model(config, dit, text_encoder, decoder, heldout, cfg) -> dict:
     return result
 
 
+def latent_flow_objective(dit, teacher, cfg: LatentFlowConfig):
+    """Flow matching, or velocity KD from ``teacher``, on one batch: the forward of the DDP loss module."""
+
+    def loss(x0, ctx, noise, t):
+        model = lambda xt, tt: dit(xt, tt, ctx, cfg.chunk_frames, cfg.window)  # noqa: E731
+        if teacher is None:
+            return flow_matching_loss(model, x0, noise, t)
+        xt = (1 - t[:, None, :, None, None]) * x0 + t[:, None, :, None, None] * noise
+        with torch.no_grad():
+            target = teacher(xt, t, ctx, cfg.chunk_frames, cfg.window)
+        return velocity_kd_loss(model(xt, t), target, t)
+
+    return loss
+
+
 def train_latent_flow(cfg: LatentFlowConfig, progress: bool = True) -> dict:
+    rank, world, device = init_distributed()
+    check_batch_split(cfg.batch_size, world, "LatentFlowConfig")
+    main = is_main_process()
     out = Path(cfg.out)
     base_config, base_folder = resolve(cfg.model)
     dit_cfg = dit_config_with(base_config.dit, cfg.dit)  # validated before any work
-    write_config(out, cfg)
+    if main:
+        write_config(out, cfg)
     te = load_stage(base_config, base_folder, "text_encoder").float()
     decoder = load_stage(base_config, base_folder, "decoder").float()
     train, heldout, sets = ensure_sets(out, cfg.model, cfg.latents, cfg.heldout, cfg.count, cfg.heldout_count,
-                                       cfg.chunks, cfg.seed, progress)
+                                       cfg.chunks, cfg.seed, progress and main)
     torch.manual_seed(cfg.seed)
     dit = S2DiT(dit_cfg)
     inherited = None
@@ -95,7 +115,7 @@ def train_latent_flow(cfg: LatentFlowConfig, progress: bool = True) -> dict:
     teacher = None
     if cfg.kd_from:
         kd_cfg, kd_folder = resolve(cfg.kd_from)
-        teacher = load_stage(kd_cfg, kd_folder, "dit").float().eval().requires_grad_(False)
+        teacher = load_stage(kd_cfg, kd_folder, "dit").float().eval().requires_grad_(False).to(device)
     ema = EMA(dit, cfg.ema_decay)
     opt = torch.optim.AdamW(dit.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     state_dir, start, history = out / "train_state", 0, []
@@ -103,38 +123,37 @@ def train_latent_flow(cfg: LatentFlowConfig, progress: bool = True) -> dict:
         scalars = load_training_state(state_dir, {"dit": dit, "ema": ema.shadow}, {"dit": opt})
         start, ema.updates, history = scalars["step"], scalars["ema_updates"], scalars["history"]
         log.info("resumed latent-flow at step %d", start)
+    dit.to(device)
+    ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
+    objective = ddp_loss(latent_flow_objective(dit, teacher, cfg), device, dit=dit)
     t0 = time.perf_counter()
     dit.train()
-    for step in tqdm(range(start, cfg.steps), desc="latent-flow", disable=not progress, initial=start, total=cfg.steps):
+    for step in tqdm(range(start, cfg.steps), desc="latent-flow", disable=not progress or not main, initial=start,
+                     total=cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup)
-        x0, ctx, noise, t = noised_batch(cfg, train, step)
-        model = lambda xt, tt: dit(xt, tt, ctx, cfg.chunk_frames, cfg.window)  # noqa: E731
-        if teacher is None:
-            loss = flow_matching_loss(model, x0, noise, t)
-        else:
-            xt = (1 - t[:, None, :, None, None]) * x0 + t[:, None, :, None, None] * noise
-            with torch.no_grad():
-                target = teacher(xt, t, ctx, cfg.chunk_frames, cfg.window)
-            loss = velocity_kd_loss(model(xt, t), target, t)
+        loss = objective(*noised_batch(cfg, train, step, rank, world, device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), cfg.grad_clip)
         opt.step()
         ema.update(dit)
-        history.append(loss.item())
-        if step % cfg.log_every == 0:
-            append_jsonl(out / "log.jsonl", {"step": step, "loss": loss.item(), "time": time.perf_counter() - t0})
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        history.append(mean_across_ranks(loss))
+        if main and step % cfg.log_every == 0:
+            append_jsonl(out / "log.jsonl", {"step": step, "loss": history[-1], "time": time.perf_counter() - t0})
+        if main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             save_training_state(state_dir, {"dit": dit, "ema": ema.shadow}, {"dit": opt},
                                 {"step": step + 1, "ema_updates": ema.updates, "history": history})
-    final = copy.deepcopy(dit)
-    ema.copy_to(final)
+        barrier()
+    if not main:  # rank 0 evaluates and writes; the others are done
+        return {"out": str(out), "rank": rank, "world": world, "steps": cfg.steps, "start": start}
+    final = copy.deepcopy(dit).cpu()
+    final.load_state_dict({k: v.cpu() for k, v in ema.shadow.items()})
     final.eval()
     export_model(out / "model", base_config, final, te, decoder)
     ev = evaluate_model(base_config, final, te, decoder, heldout, cfg)
     params = sum(p.numel() for p in final.parameters())
     return {"out": str(out), "model": str(out / "model"), "layout": dit_cfg.layout, "dit_params": params,
             "steps": cfg.steps, "start": start, "final_loss": history[-1] if history else None,
-            "inherited": inherited, "kd_from": cfg.kd_from, **sets, **ev,
+            "inherited": inherited, "kd_from": cfg.kd_from, "world": world, "losses": history, **sets, **ev,
             "seconds": round(time.perf_counter() - t0, 1)}

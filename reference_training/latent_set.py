@@ -133,22 +133,28 @@ def ensure_sets(out: str | Path, source: str, latents: str | None, heldout: str 
     specs = {"latents": (latents or out / "latents", LatentSetSpec(source, count, chunks, seed)),
              "heldout": (heldout or out / "heldout", LatentSetSpec(source, heldout_count, chunks,
                                                                    seed + HELDOUT_SEED_OFFSET))}
+    from .common import barrier, is_main_process
+
     folders = {}
     for name, (folder, spec) in specs.items():
         folder = Path(folder)
-        if not (folder / META).is_file():
+        if is_main_process() and not (folder / META).is_file():  # under torchrun rank 0 samples, the rest wait
             build_latent_set(folder, spec, progress)
         folders[name] = str(folder)
+    barrier()
     return load_latent_set(folders["latents"]), load_latent_set(folders["heldout"]), folders
 
 
-def noised_batch(cfg, data: dict[str, torch.Tensor], step: int):
-    """(x0, context, noise, t) of ``step``: per-chunk logit-normal t with clean past chunks, as pretraining."""
-    from .common import step_generator
+def noised_batch(cfg, data: dict[str, torch.Tensor], step: int, rank: int = 0, world: int = 1,
+                 device: torch.device | None = None):
+    """This rank's (x0, context, noise, t) of ``step``: per-chunk logit-normal t with clean past
+    chunks, as pretraining. Everything is drawn for the global batch and sliced, so N processes
+    see the numbers one process sees."""
+    from .common import rank_slice, step_generator
     from .pretrain import chunk_timesteps
 
     x0, ctx = latent_batch(data, step, cfg.batch_size, cfg.seed)
     g = step_generator(cfg.seed, step, stream=3)
     noise = torch.randn(x0.shape, generator=g)
     t = chunk_timesteps(cfg, x0.shape[0], x0.shape[2] // cfg.chunk_frames, g)
-    return x0, ctx, noise, t
+    return tuple(rank_slice(v, rank, world).to(device or v.device) for v in (x0, ctx, noise, t))

@@ -125,6 +125,13 @@ def _error_record(exc: BaseException) -> tuple[int, dict[str, Any]]:
     return code, record
 
 
+def _shutdown_distributed() -> None:
+    """End the process group a training command started under torchrun (nothing otherwise)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     want_json = "--json" in argv
@@ -135,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun, only rank 0 writes to stdout
     try:
         with stdout_to_stderr():
             result, text = args._run(args)
@@ -143,13 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         if code == EXIT_INTERNAL:
             traceback.print_exc(file=sys.stderr)
         payload = getattr(exc, "report", None)
-        if want_json:
+        if rank != 0:
+            print(f"error (rank {rank}): {record['message']}", file=sys.stderr)
+        elif want_json:
             emit({**({"report": payload} if payload is not None else {}), **record})
         else:
             if getattr(exc, "text", None):
                 print(exc.text)  # e.g. validate's table, still shown below a floor
             print(f"error: {record['message']}", file=sys.stderr)
         return code
+    finally:
+        _shutdown_distributed()
+    if rank != 0:
+        return EXIT_OK
     if want_json:
         emit(result)
     else:

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from ...model_zoo.checkpoint import atomic_folder
 from ...model_zoo.registry import load_stage, resolve
-from ..common import append_jsonl, load_training_state, save_training_state, step_generator
+from ..common import (append_jsonl, barrier, check_batch_split, ddp_loss, init_distributed, is_main_process,
+                      load_training_state, mean_across_ranks, save_training_state, step_generator)
 from ..configs import PruneConfig, write_config
 from ..latent_flow import evaluate_model, export_model
 from ..latent_set import ensure_sets, noised_batch
@@ -83,8 +84,10 @@ def eq6_loss(cfg, student, teacher, maps, t_blocks, s_blocks, x0, ctx, noise, t,
     return pruning_loss(flow, distill, cfg.alpha), flow, distill
 
 
-def _train_phase(name, cfg, steps, student, teacher, maps, train, out, opt, extra_modules, masks_fn, progress):
-    """One resumable phase of Eq. 6 training; returns the loss history."""
+def _train_phase(name, cfg, steps, student, teacher, maps, train, out, opt, extra_modules, masks_fn, progress, dist_ctx):
+    """One resumable phase of Eq. 6 training; returns the loss history (means over all processes)."""
+    rank, world, device = dist_ctx
+    main = is_main_process()
     state_dir = out / f"train_state_{name}"
     modules = {"student": student, "aligners": maps, **extra_modules}
     start, history = 0, []
@@ -93,62 +96,80 @@ def _train_phase(name, cfg, steps, student, teacher, maps, train, out, opt, extr
         start, history = scalars["step"], scalars["history"]
         log.info("resumed prune %s at step %d", name, start)
     t_blocks, s_blocks = group_outputs(teacher), group_outputs(student)
+
+    def loss(x0, ctx, noise, t, step):
+        return eq6_loss(cfg, student, teacher, maps, t_blocks, s_blocks, x0, ctx, noise, t, masks_fn(step))
+
+    objective = ddp_loss(loss, device, **modules)
     t0 = time.perf_counter()
     student.train()
-    for step in tqdm(range(start, steps), desc=f"prune {name}", disable=not progress, initial=start, total=steps):
-        x0, ctx, noise, t = noised_batch(cfg, train, step + (0 if name == "masks" else cfg.mask_steps))
-        loss, flow, distill = eq6_loss(cfg, student, teacher, maps, t_blocks, s_blocks, x0, ctx, noise, t, masks_fn(step))
+    for step in tqdm(range(start, steps), desc=f"prune {name}", disable=not progress or not main, initial=start,
+                     total=steps):
+        batch = noised_batch(cfg, train, step + (0 if name == "masks" else cfg.mask_steps), rank, world, device)
+        loss_v, flow, distill = objective(*batch, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_v.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
-        history.append([loss.item(), flow.item(), distill.item()])
-        if step % cfg.log_every == 0:
-            append_jsonl(out / "log.jsonl", {"phase": name, "step": step, "loss": loss.item(), "flow": flow.item(),
-                                             "distill": distill.item(), "time": time.perf_counter() - t0})
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+        history.append([mean_across_ranks(v) for v in (loss_v, flow, distill)])
+        if main and step % cfg.log_every == 0:
+            append_jsonl(out / "log.jsonl", {"phase": name, "step": step, "loss": history[-1][0], "flow": history[-1][1],
+                                             "distill": history[-1][2], "time": time.perf_counter() - t0})
+        if main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
             save_training_state(state_dir, modules, {"opt": opt}, {"step": step + 1, "history": history})
+        barrier()
     return history
 
 
 def train_prune(cfg: PruneConfig, progress: bool = True) -> dict:
+    rank, world, device = init_distributed()
+    check_batch_split(cfg.batch_size, world, "PruneConfig")
+    main = is_main_process()
     t_cfg, t_folder = resolve(cfg.teacher)
     if t_cfg.dit.search:
         raise PruneTargetError(f"{cfg.teacher}: prune needs a fixed-layout supernet, not a search model")
     shape = (plan_shape(t_cfg.dit, cfg.target_params, cfg.ffn_group)[0] if cfg.target_params
              else check_shape(t_cfg.dit, cfg.keep_blocks, cfg.keep_heads, cfg.keep_ffn, cfg.ffn_group))
     out = Path(cfg.out)
-    write_config(out, cfg)
+    if main:
+        write_config(out, cfg)
     t0 = time.perf_counter()
     teacher = load_stage(t_cfg, t_folder, "dit").float().eval().requires_grad_(False)
     te = load_stage(t_cfg, t_folder, "text_encoder").float()
     decoder = load_stage(t_cfg, t_folder, "decoder").float()
     train, heldout, sets = ensure_sets(out, cfg.teacher, cfg.latents, cfg.heldout, cfg.count, cfg.heldout_count,
-                                       cfg.chunks, cfg.seed, progress)
+                                       cfg.chunks, cfg.seed, progress and main)
     student = copy.deepcopy(teacher).requires_grad_(True)
     masks = PruneMasks(student, shape)
     maps = aligners(t_cfg.dit.dim, t_cfg.dit.dim, t_cfg.dit.num_groups)
+    for m in (teacher, student, masks, maps):
+        m.to(device)
     opt = torch.optim.AdamW([{"params": list(student.parameters()), "lr": cfg.lr},
                              {"params": list(masks.parameters()), "lr": cfg.mask_lr},
                              {"params": list(maps.parameters()), "lr": cfg.aligner_lr}], betas=(0.9, 0.99), weight_decay=0.0)
     start_scores = {k: v.detach().clone() for k, v in masks.state_dict().items()}
     h1 = _train_phase("masks", cfg, cfg.mask_steps, student, teacher, maps, train, out, opt, {"masks": masks},
-                      lambda s: masks.sample(tau_at(cfg, s), step_generator(cfg.seed, s, stream=7)), progress)
+                      lambda s: masks.sample(tau_at(cfg, s), step_generator(cfg.seed, s, stream=7)), progress,
+                      (rank, world, device))
     final_masks = masks.hard()
-    dense = to_dense(student.eval(), final_masks).requires_grad_(True)
-    d_maps = aligners(dense.cfg.dim, t_cfg.dit.dim, t_cfg.dit.num_groups)
+    dense = to_dense(student.eval(), final_masks).requires_grad_(True).to(device)
+    d_maps = aligners(dense.cfg.dim, t_cfg.dit.dim, t_cfg.dit.num_groups).to(device)
     d_maps.load_state_dict(maps.state_dict())
     opt2 = torch.optim.AdamW([{"params": list(dense.parameters()), "lr": cfg.lr},
                               {"params": list(d_maps.parameters()), "lr": cfg.aligner_lr}], betas=(0.9, 0.99), weight_decay=0.0)
     h2 = _train_phase("dense", cfg, cfg.finetune_steps, dense, teacher, d_maps, train, out, opt2, {},
-                      lambda s: None, progress)
-    dense.eval()
+                      lambda s: None, progress, (rank, world, device))
+    if not main:  # rank 0 evaluates and writes; the others are done
+        return {"out": str(out), "rank": rank, "world": world, "steps": {"masks": cfg.mask_steps, "dense": cfg.finetune_steps}}
+    dense.eval().cpu()
+    teacher.cpu()
+    final_masks = {k: v.cpu() for k, v in final_masks.items()}
     export_model(out / "model", t_cfg, dense, te, decoder)
     blocks = block_list(teacher)
     kept = {"blocks": [f"groups.{n}.{b}.{j}" for i, (n, b, j, _) in enumerate(blocks) if final_masks["blocks"][i] > 0.5],
             "heads": torch.nonzero(final_masks["heads"] > 0.5)[:, 1].reshape(len(blocks), -1).tolist(),
             "cross_heads": torch.nonzero(final_masks["cross_heads"] > 0.5)[:, 1].reshape(len(blocks), -1).tolist()}
-    moved = {k: float((masks.state_dict()[k] - v).abs().max()) for k, v in start_scores.items()}
+    moved = {k: float((masks.state_dict()[k] - v).abs().max().cpu()) for k, v in start_scores.items()}
     result = {
         "out": str(out), "model": str(out / "model"), "shape": shape.as_dict(),
         "config": {k: v for k, v in dense.cfg.to_dict().items() if k in ("num_heads", "attn_dim", "ffn_dim", "group_blocks")},
@@ -156,7 +177,8 @@ def train_prune(cfg: PruneConfig, progress: bool = True) -> dict:
                        "pruned": sum(p.numel() for p in dense.parameters())},
         "kept": kept, "mask_scores_moved": moved, "alpha": cfg.alpha,
         "history_tail": {"masks": h1[-1] if h1 else None, "dense": h2[-1] if h2 else None},
-        "steps": {"masks": cfg.mask_steps, "dense": cfg.finetune_steps}, **sets,
+        "steps": {"masks": cfg.mask_steps, "dense": cfg.finetune_steps}, "world": world,
+        "losses": {"masks": h1, "dense": h2}, **sets,
         "pruned": evaluate_model(t_cfg, dense, te, decoder, heldout, cfg),
         "teacher": evaluate_model(t_cfg, teacher, te, decoder, heldout, cfg),
         "seconds": round(time.perf_counter() - t0, 1),

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from ...model_zoo.checkpoint import atomic_folder
 from ...model_zoo.registry import load_stage, resolve
-from ..common import append_jsonl, load_training_state, save_training_state, step_generator
+from ..common import (append_jsonl, barrier, check_batch_split, ddp_loss, init_distributed, is_main_process,
+                      load_training_state, mean_across_ranks, save_training_state, step_generator)
 from ..configs import SearchConfig, write_config
 from ..latent_flow import evaluate_model, export_model
 from ..latent_set import ensure_sets, latent_batch, noised_batch
@@ -82,18 +83,37 @@ def layouts_to_evaluate(groups: int, k: int, cap: int, score) -> list[str]:
     return sorted(layouts_with_k(groups, k), key=score)[:cap]
 
 
+def search_objective(student, teacher, cfg: SearchConfig, k: int):
+    """Eq. 10 on one batch with one fixed-k router draw: the forward of the DDP loss module."""
+    logits = student.sandwich.routers.logits
+
+    def loss(x0, ctx, noise, t, step):
+        xt = (1 - t[:, None, :, None, None]) * x0 + t[:, None, :, None, None] * noise
+        with torch.no_grad():
+            y_t = teacher.features(xt, t, ctx, cfg.chunk_frames, cfg.window)[0]
+        m = sample_fixed_k(logits, k, tau_at(cfg, step), step_generator(cfg.seed, step, stream=5)).to(x0.device)
+        y_s = student.features(xt, t, ctx, cfg.chunk_frames, cfg.window, routers=m)[0]
+        return self_distillation_loss(y_s, y_t), m.detach()
+
+    return loss
+
+
 def train_search(cfg: SearchConfig, costs: RunCosts, progress: bool = True) -> dict:
+    rank, world, device = init_distributed()
+    check_batch_split(cfg.batch_size, world, "SearchConfig")
     teacher_cfg, teacher_folder = resolve(cfg.teacher)
     check_teacher(teacher_cfg.dit, costs.groups)
     k, budget = resolve_budget(cfg, costs)
     out = Path(cfg.out)
-    write_config(out, cfg)
-    (out / "costs.json").write_text(json.dumps(costs.to_dict(), indent=1) + "\n")
+    main = is_main_process()
+    if main:
+        write_config(out, cfg)
+        (out / "costs.json").write_text(json.dumps(costs.to_dict(), indent=1) + "\n")
     teacher = load_stage(teacher_cfg, teacher_folder, "dit").float().eval().requires_grad_(False)
     te = load_stage(teacher_cfg, teacher_folder, "text_encoder").float()
     decoder = load_stage(teacher_cfg, teacher_folder, "decoder").float()
     train, heldout, sets = ensure_sets(out, cfg.teacher, cfg.latents, cfg.heldout, cfg.count, cfg.heldout_count,
-                                       cfg.chunks, cfg.seed, progress)
+                                       cfg.chunks, cfg.seed, progress and main)
     student, inherited = routed_student(teacher)
     for name, p in student.named_parameters():
         p.requires_grad_(name.startswith("sandwich.") and not name.startswith("sandwich.routers"))
@@ -109,29 +129,33 @@ def train_search(cfg: SearchConfig, costs: RunCosts, progress: bool = True) -> d
         start, history = scalars["step"], scalars["history"]
         logits_start = torch.tensor(scalars["logits_start"])
         log.info("resumed search at step %d", start)
+    teacher.to(device)
+    student.to(device)
+    objective = ddp_loss(search_objective(student, teacher, cfg, k), device, student=student)
     t0 = time.perf_counter()
     student.train()
-    for step in tqdm(range(start, cfg.steps), desc="search", disable=not progress, initial=start, total=cfg.steps):
-        x0, ctx, noise, t = noised_batch(cfg, train, step)
-        xt = (1 - t[:, None, :, None, None]) * x0 + t[:, None, :, None, None] * noise
-        with torch.no_grad():
-            y_t = teacher.features(xt, t, ctx, cfg.chunk_frames, cfg.window)[0]
-        m = sample_fixed_k(logits, k, tau_at(cfg, step), step_generator(cfg.seed, step, stream=5))
-        y_s = student.features(xt, t, ctx, cfg.chunk_frames, cfg.window, routers=m)[0]
-        loss = self_distillation_loss(y_s, y_t)
+    for step in tqdm(range(start, cfg.steps), desc="search", disable=not progress or not main, initial=start,
+                     total=cfg.steps):
+        loss, m = objective(*noised_batch(cfg, train, step, rank, world, device), step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules, 1.0)
         opt.step()
-        history.append(loss.item())
-        if step % cfg.log_every == 0:
+        history.append(mean_across_ranks(loss))
+        if main and step % cfg.log_every == 0:
             layout = "".join("L" if v > 0.5 else "S" for v in m.tolist())
-            append_jsonl(out / "log.jsonl", {"step": step, "loss": loss.item(), "layout": layout,
-                                             "scores": group_scores(logits).tolist(), "time": time.perf_counter() - t0})
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            append_jsonl(out / "log.jsonl", {"step": step, "loss": history[-1], "layout": layout,
+                                             "scores": group_scores(logits.detach().cpu()).tolist(),
+                                             "time": time.perf_counter() - t0})
+        if main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             save_training_state(state_dir, {"student": student}, {"student": opt},
                                 {"step": step + 1, "history": history, "logits_start": logits_start.tolist()})
-    student.eval()
+        barrier()
+    train_seconds = round(time.perf_counter() - t0, 1)
+    if not main:  # rank 0 evaluates and writes; the others are done
+        return {"out": str(out), "rank": rank, "world": world, "steps": cfg.steps, "start": start}
+    student.eval().cpu()
+    teacher.cpu()
     scores = group_scores(logits.detach()).tolist()
     neg_l, neg_s = router_scores(scores)
     layout, cost, score = dp_layout(costs, k, budget, neg_l, neg_s)
@@ -150,13 +174,13 @@ def train_search(cfg: SearchConfig, costs: RunCosts, progress: bool = True) -> d
         "cost": cost, "unit": costs.unit, "cost_source": costs.source, "bounds": list(costs.bounds()),
         "router_scores": scores, "router_scores_start": logits_start[1:-1, 0].sub(logits_start[1:-1, 1]).tolist(),
         "dp_score": score, "best_measured_under_budget": best_measured, "evaluated": evaluated,
-        "inherited": inherited, "steps": cfg.steps, "start": start,
+        "inherited": inherited, "steps": cfg.steps, "start": start, "world": world, "losses": history,
         "final_sd_loss": history[-1] if history else None, **sets,
         "searched": evaluate_model(teacher_cfg, fixed, te, decoder, heldout, cfg),
         "teacher": evaluate_model(teacher_cfg, teacher, te, decoder, heldout, cfg),
         "dit_params": {"teacher": sum(p.numel() for p in teacher.parameters()),
                        "searched": sum(p.numel() for p in fixed.parameters())},
-        "seconds": round(time.perf_counter() - t0, 1),
+        "train_seconds": train_seconds, "seconds": round(time.perf_counter() - t0, 1),
     }
     result["plot"] = pareto_plot(result, out / "pareto.png")
     with atomic_folder(out / "result") as tmp:

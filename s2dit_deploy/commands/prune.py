@@ -11,6 +11,11 @@ estimate of the teacher and of the pruned shape. The seed's own recipe (2B base,
 
   s2dit-deploy prune --plan --config reference_training/recipes/prune-seed-2b.json --device iphone-16-pro-max
   s2dit-deploy prune --teacher runs/wide/model --target-params 7876672 --out runs/prune
+
+Training runs under torchrun too (DDP; each process takes its slice of the global batch, rank 0
+writes and evaluates)::
+
+  torchrun --nproc_per_node 2 -m s2dit_deploy prune --teacher runs/wide/model --target-params 7876672
 """
 
 from __future__ import annotations
@@ -112,6 +117,8 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
     from s2dit_deploy.reference_training.prune.train import train_prune
 
     result = train_prune(cfg, progress=not args.json)
+    if "dit_params" not in result:  # a torchrun rank other than 0: rank 0 reports
+        return result, ""
     p = result["dit_params"]
     text = (f"pruned {result['shape']} -> {result['model']}\n  DiT params {p['teacher']:,} -> {p['pruned']:,}\n"
             f"  held-out eval loss {result['teacher']['eval_loss']:.5f} (teacher) -> {result['pruned']['eval_loss']:.5f}")

@@ -10,7 +10,10 @@ the device cost model's estimate (``--device``, milliseconds, at ``--resolution`
   s2dit-deploy train latent-flow --config reference_training/recipes/dense-teacher.json --out runs/dense-teacher
   s2dit-deploy search --teacher runs/dense-teacher/model --device iphone-16-pro-max --out runs/search
 
-The search runs in one process (no torchrun path yet).
+The same command runs under torchrun (DDP; each process takes its slice of the global batch, rank 0
+writes and evaluates)::
+
+  torchrun --nproc_per_node 2 -m s2dit_deploy search --teacher runs/dense-teacher/model --out runs/search
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = train_search(cfg, costs, progress=not args.json)
+    if "layout" not in result:  # a torchrun rank other than 0: rank 0 reports
+        return result, ""
     ev = {e["layout"]: e for e in result["evaluated"]}
     lines = [f"searched layout {result['layout']} (k={result['k']}): predicted {result['cost']:.4g} {result['unit']} "
              f"per DiT step, budget {result['budget']:.4g} ({result['cost_source']})",
