@@ -15,7 +15,7 @@ rank  modules (``s2dit_deploy.`` omitted)
 6     host, compiler (run / build bundles through the targets)
 7     fidelity (validate)
 8     bench
-9     commands, cli, api, the package ``__init__``
+9     commands, cli (and ``__main__``), api, the package ``__init__``
 --    reference_training: a side branch; imports ranks 0-2 only, imported only from rank 9
 ====  =====================================================================================
 
@@ -47,7 +47,7 @@ RANKS = {  # longest matching prefix (after "s2dit_deploy.") wins
     "host": 6, "compiler": 6, "app_bundle": 6,
     "fidelity": 7,
     "bench": 8,
-    "commands": 9, "cli": 9, "api": 9, "": 9,
+    "commands": 9, "cli": 9, "__main__": 9, "api": 9, "": 9,
     SIDE: None,
 }
 
