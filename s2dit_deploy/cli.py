@@ -126,10 +126,12 @@ def _error_record(exc: BaseException) -> tuple[int, dict[str, Any]]:
 
 
 def _shutdown_distributed() -> None:
-    """End the process group a training command started under torchrun (nothing otherwise)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """End the process group a training command started under torchrun (nothing otherwise; torch
+    is not imported for commands that never loaded it)."""
+    if "torch.distributed" in sys.modules:
+        from .reference_training.common import shutdown_distributed
+
+        shutdown_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
     from s2dit_deploy.reference_training.prune.train import train_prune
 
     result = train_prune(cfg, progress=not args.json)
-    if "dit_params" not in result:  # a torchrun rank other than 0: rank 0 reports
+    if "rank" in result:  # a torchrun rank other than 0 (only those return one): rank 0 reports
         return result, ""
     p = result["dit_params"]
     text = (f"pruned {result['shape']} -> {result['model']}\n  DiT params {p['teacher']:,} -> {p['pruned']:,}\n"

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = train_search(cfg, costs, progress=not args.json)
-    if "layout" not in result:  # a torchrun rank other than 0: rank 0 reports
+    if "rank" in result:  # a torchrun rank other than 0 (only those return one): rank 0 reports
         return result, ""
     ev = {e["layout"]: e for e in result["evaluated"]}
     lines = [f"searched layout {result['layout']} (k={result['k']}): predicted {result['cost']:.4g} {result['unit']} "
