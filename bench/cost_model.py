@@ -91,7 +91,10 @@ def op_bits(op: Op, precision: str, stage: str = "") -> tuple[int, int]:
         from s2dit_deploy.quant.schemes import act_scheme, weight_scheme
 
         layer = op.group.split(".", 1)[1] if stage and "." in op.group else op.group
-        ws, as_ = preset_schemes(precision, stage or "dit_step", layer)
+        # w4a8-mixed is allocated per layer from calibration, which a model name has not had; its
+        # per-layer bits are estimated with the seed recipe (same activations, ~the same average bits)
+        preset = "w4a8-seed" if precision == "w4a8-mixed" else precision
+        ws, as_ = preset_schemes(preset, stage or "dit_step", layer)
         w = weight_scheme(ws).bits if op.kind in ("matmul", "conv") else 16
         a = act_scheme(as_).bits or 16
     if op.unit != "npu":

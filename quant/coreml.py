@@ -66,7 +66,7 @@ def _make_pass(stage_layers: Mapping[str, Any], names: dict[str, str], summary: 
                     continue
                 lq = stage_layers[layer]
                 ws = weight_scheme(lq.weight)
-                if ws.kind == "linear" and ws.range_method == "mse" and const.name not in summary["clipped"]:
+                if ws.kind == "linear" and ws.rounding == "nearest" and ws.range_method == "mse" and const.name not in summary["clipped"]:
                     val = np.asarray(const.val.val)
                     w = torch.from_numpy(val.astype(np.float32))
                     clip = (weight_scale(w, ws) * ((1 << (ws.bits - 1)) - 1)).numpy()
@@ -96,8 +96,30 @@ def _make_pass(stage_layers: Mapping[str, Any], names: dict[str, str], summary: 
     return InsertActQuantAndClip()
 
 
-def apply_plan(mlmodel, plan, stage_name: str):
-    """Compress ``mlmodel``'s weights and quantize its activations as ``plan`` says for ``stage_name``."""
+def folded_tables(prog, tables: Mapping[str, np.ndarray], taken: set[str]) -> dict[str, str]:
+    """{const name: plan layer} for constants that are row slices of an embedding table (found by value)."""
+    out = {}
+    for func in prog.functions.values():
+        for op in func.operations:
+            if op.op_type != "const" or op.name in taken or op.outputs[0].val is None:
+                continue
+            val = np.asarray(op.outputs[0].val)
+            if val.dtype.kind != "f" or val.ndim < 2:
+                continue
+            for layer, table in tables.items():
+                d = table.shape[1]
+                if val.shape[-1] != d or val.size // d > table.shape[0]:
+                    continue
+                rows = val.reshape(-1, d).astype(np.float32)
+                ref = table[: rows.shape[0]]
+                if np.allclose(rows, ref, rtol=0, atol=1e-3 * max(float(np.abs(ref).max()), 1e-6)):
+                    out[op.name] = layer
+    return out
+
+
+def apply_plan(mlmodel, plan, stage_name: str, embedding_tables: Mapping[str, np.ndarray] | None = None):
+    """Compress ``mlmodel``'s weights and quantize its activations as ``plan`` says for ``stage_name``;
+    ``embedding_tables`` ({layer: weight}) lets a folded constant-index lookup be found by value."""
     import coremltools as ct
     import coremltools.optimize.coreml as cto
     from coremltools.models.utils import _apply_graph_pass
@@ -117,6 +139,11 @@ def apply_plan(mlmodel, plan, stage_name: str):
         layer = match_layer(const.name, layer_names)
         if layer is not None:
             names[const.name] = layer
+    unmatched = set(layer_names) - set(names.values())
+    if unmatched and embedding_tables:
+        folded = folded_tables(prog, {k: v for k, v in embedding_tables.items() if k in unmatched}, set(names))
+        names.update(folded)
+        summary["folded_embeddings"] = sorted(set(folded.values()))
     summary["unmatched_layers"] = sorted(set(layer_names) - set(names.values()))
     if summary["unmatched_layers"]:
         log.warning("coreml %s: %d plan layers have no weight in the program (e.g. %s)", stage_name,

@@ -1,8 +1,8 @@
 """Fidelity of a plan by fake quantization in the float model, on prompts disjoint from calibration.
 
-Two numbers per plan: the PSNR of the ``dit_step`` velocity over every denoising call of float
-trajectories of the evaluation prompts (each call gets the float inputs, so errors do not
-compound: a per-stage number like ``sd.validate``), and the PSNR of the decoded ``num_chunks``
+Two numbers per plan: the PSNR of the ``dit_step`` velocity over every call of float
+trajectories of the evaluation prompts, commit passes included (each call gets the float inputs,
+so errors do not compound: the per-stage number ``sd.validate`` reports), and the PSNR of the decoded ``num_chunks``
 stream generated end to end with every quantized stage (errors compound through the caches, as
 on a phone).
 """
@@ -31,7 +31,8 @@ def plan_applied(pipe, plan, stages=("text_encoder", "dit_step", "decoder"), cac
         for s in stages:
             layers = plan.stages.get(s) if plan is not None else None
             if layers:
-                stack.enter_context(quantized(getattr(pipe, STAGE_MODULES[s]), layers, cache))
+                stack.enter_context(quantized(getattr(pipe, STAGE_MODULES[s]), layers, cache,
+                                              rounded=plan.rounded.get(s)))
         yield pipe
 
 
@@ -50,8 +51,7 @@ class Evaluator:
         from s2dit_deploy.stages import build_stages
 
         self.stage = build_stages(pipe, ("dit_step",))["dit_step"]
-        info = ev.call_info("dit_step")
-        self.inputs = [c for c, i in zip(ev.calls("dit_step"), info) if not i["commit"]]
+        self.inputs = ev.calls("dit_step")
         self.refs = [self.stage.run_float(x)["velocity"] for x in self.inputs]
         self.ref_videos = [pipe.generate(p, num_chunks, self.steps, seed) for p in self.prompts]
         self.cache = WeightCache()

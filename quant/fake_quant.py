@@ -112,26 +112,40 @@ def fake_quant_act(x: torch.Tensor, scheme: str, act_range: tuple[float, float] 
 
 
 class WeightCache:
-    """Memo of fake-quantized weights per (layer, scheme): k-means is slow, layers are revisited."""
+    """Memo of fake-quantized weights per (layer, scheme): k-means is slow, layers are revisited.
+
+    GPTQ-rounded weights depend on calibration data, not only on the float weight, so they are
+    ``put`` here by whoever computed them (``gptq.gptq_round``) or loaded them (a plan's sidecar)."""
 
     def __init__(self) -> None:
         self._store: dict[tuple[str, str], torch.Tensor] = {}
 
+    def put(self, name: str, scheme: str, weight: torch.Tensor) -> None:
+        self._store[(name, scheme)] = weight
+
     def get(self, name: str, layer: nn.Module, scheme: str) -> torch.Tensor:
         key = (name, scheme)
         if key not in self._store:
+            if weight_scheme(scheme).rounding == "gptq":
+                raise KeyError(f"layer {name!r}: no GPTQ-rounded weight for {scheme} (computed by gptq.gptq_round "
+                               "during calibration; a plan carries it in its sidecar)")
             self._store[key] = fake_quant_weight(layer.weight, scheme)
         return self._store[key]
 
 
 @contextlib.contextmanager
 def quantized(module: nn.Module, layers: Mapping[str, object], cache: WeightCache | None = None,
-              weights: bool = True, acts: bool = True) -> Iterator[nn.Module]:
-    """Fake-quantize ``layers`` ({name: LayerQuant-like with .weight, .act, .act_range}) in place."""
+              weights: bool = True, acts: bool = True,
+              rounded: Mapping[str, torch.Tensor] | None = None) -> Iterator[nn.Module]:
+    """Fake-quantize ``layers`` ({name: LayerQuant-like with .weight, .act, .act_range}) in place;
+    ``rounded`` gives the GPTQ-rounded weights of ``-gptq`` layers ({name: tensor})."""
     mods = dict(module.named_modules())
     saved: list[tuple[nn.Module, torch.Tensor]] = []
     hooks = []
     cache = cache or WeightCache()
+    for name, w in (rounded or {}).items():
+        if name in layers:
+            cache.put(name, layers[name].weight, w)
     try:
         for name, lq in layers.items():
             if name not in mods:

@@ -21,14 +21,24 @@ def norm(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_")
 
 
+def spellings(layer: str) -> list[str]:
+    """The underscored names a plan layer's weight can carry in a converted graph: its own path, and
+    for a causal Conv3d (``x.conv``) the per-time taps the ANE decoder rewrite splits it into
+    (``rewrites/ane_decoder.py``: ``x.taps.0``, ``x.taps.1``, ...)."""
+    out = [norm(layer)]
+    if layer.endswith(".conv"):
+        out.append(norm(layer[: -len(".conv")]) + "_taps")
+    return out
+
+
 def match_layer(const_name: str, layers: list[str]) -> str | None:
-    """Plan layer owning a weight const (longest ``_``-bounded occurrence of its underscored path)."""
+    """Plan layer owning a weight const (longest ``_``-bounded occurrence of one of its spellings)."""
     cn = "_" + norm(const_name) + "_"
-    best = None
+    best, best_len = None, -1
     for layer in layers:
-        ln = "_" + norm(layer) + "_"
-        if ln in cn and (best is None or len(ln) > len(norm(best)) + 2):
-            best = layer
+        for spelled in spellings(layer):
+            if "_" + spelled + "_" in cn and len(spelled) > best_len:
+                best, best_len = layer, len(spelled)
     return best
 
 
@@ -62,7 +72,8 @@ def layer_pairs(plan, stage_name: str, allow_float_act: bool = False) -> dict[st
     layers = plan.stages.get(stage_name, {})
     if not layers:
         raise ValueError(f"plan {plan.name!r} has no layers for stage {stage_name!r}")
-    mse = [n for n, lq in layers.items() if weight_scheme(lq.weight).range_method == "mse"]
+    mse = [n for n, lq in layers.items() if weight_scheme(lq.weight).range_method == "mse"
+           and weight_scheme(lq.weight).rounding == "nearest"]
     if mse:
         log.info("%s: %d -mse weight schemes use the min-max per-channel observer", stage_name, len(mse))
     pairs = {}

@@ -9,9 +9,12 @@ Presets (the DiT gets the preset; the text encoder is kept at int8 weights with 
 activations, the decoder at int8 weights and float activations since it runs on the GPU):
 - ``w8a8``: int8 per-channel weights, int8 activations.
 - ``w4a8-uniform``: int4 weights everywhere, int8 activations.
-- ``w4a8-mixed``: the seed recipe (patch embed, head, text and time embeddings in int8, the rest
-  int4) as the starting point; ``s2dit-deploy calibrate`` then reallocates by measured
-  sensitivity under a size budget (see ``allocate.py``).
+- ``w4a8-seed``: the seed's fixed recipe (supplement D.2: patch embed, head, text and time
+  embeddings in int8, the rest int4), int8 activations.
+- ``w4a8-mixed``: always the sensitivity-allocated plan at the size of ``w4a8-uniform``: GPTQ and
+  round-to-nearest int4/int8 and LUTs chosen per layer by measured sensitivity and a decoded-stream
+  check (``workflow.calibrate``; cached by model hash, target and resolution). It is never a fixed
+  recipe, so ``preset_plan`` refuses it.
 - ``w4a16``: int4 weights, 16-bit activations (fp16 where a target has no int16).
 """
 
@@ -31,10 +34,15 @@ from .schemes import act_scheme, fits, target_schemes, weight_scheme
 log = logging.getLogger(__name__)
 
 FORMAT = "s2dit-quant-plan/1"
-PRESETS = ("w8a8", "w4a8-uniform", "w4a8-mixed", "w4a16")
+PRESETS = ("w8a8", "w4a8-uniform", "w4a8-seed", "w4a8-mixed", "w4a16")
+MIXED = "w4a8-mixed"  # the one preset that needs sensitivity data
+FIXED_PRESETS = tuple(p for p in PRESETS if p != MIXED)
 # The seed's sensitive layers (supplement D.2: project in/out, text embedding) plus the timestep
 # embedding, whose output modulates every block.
 SEED_SENSITIVE = re.compile(r"^(patch_embed|head|text_embedding\..*|time_embedding\..*)$")
+# The projections whose outputs build the LCHA states (kv = phi(k)^T v, ksum = sum phi(k)) that every
+# later chunk reads: on QNN they get 16-bit activations in a mixed plan (16a8w / 16a4w per layer).
+LCHA_STATE_FEEDERS = re.compile(r"(^|\.)high\.\d+\.attn\.(k|v)$")
 
 
 @dataclass(frozen=True)
@@ -59,11 +67,36 @@ class LayerQuant:
 
 @dataclass(frozen=True)
 class QuantPlan:
+    """``rounded`` holds the GPTQ-rounded weights of ``-gptq`` layers (stage -> layer -> tensor);
+    they are saved next to the plan JSON as ``<plan>.weights.safetensors``, hashed in the JSON.
+    ``origin`` is the folder the plan was loaded from (never serialized: plans hold no absolute
+    paths); its calibration report is ``origin / provenance["report"]``."""
+
     name: str
     model: str
     stages: Mapping[str, Mapping[str, LayerQuant]]
     target: str | None = None
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    rounded: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False, repr=False)
+    origin: Path | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        missing = [f"{s}:{n}" for s, layers in self.stages.items() for n, lq in layers.items()
+                   if weight_scheme(lq.weight).rounding == "gptq" and n not in self.rounded.get(s, {})]
+        if missing:
+            raise ValueError(f"plan {self.name!r}: -gptq layers without rounded weights: {', '.join(missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+
+    def with_provenance(self, **extra: Any) -> QuantPlan:
+        return QuantPlan(self.name, self.model, self.stages, self.target, {**self.provenance, **extra}, self.rounded,
+                         self.origin)
+
+    def report_dir(self) -> Path | None:
+        """The calibration report folder of this plan, if it was loaded from next to one."""
+        rel = self.provenance.get("report")
+        if self.origin is None or not isinstance(rel, str) or not rel or "/" in rel or ".." in rel:
+            return None
+        return self.origin / rel
 
     def layer(self, stage: str, name: str) -> LayerQuant | None:
         return self.stages.get(stage, {}).get(name)
@@ -85,30 +118,47 @@ class QuantPlan:
                 out.setdefault(s, {})[key] = out.setdefault(s, {}).get(key, 0) + 1
         return out
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "name": self.name, "model": self.model, "target": self.target,
-                "provenance": dict(self.provenance),
-                "stages": {s: {n: lq.to_dict() for n, lq in layers.items()} for s, layers in self.stages.items()}}
+    def to_dict(self, weights_file: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        d = {"format": FORMAT, "name": self.name, "model": self.model, "target": self.target,
+             "provenance": dict(self.provenance),
+             "stages": {s: {n: lq.to_dict() for n, lq in layers.items()} for s, layers in self.stages.items()}}
+        if weights_file is not None:
+            d["rounded_weights"] = dict(weights_file)
+        return d
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=False)
+    def to_json(self, weights_file: Mapping[str, Any] | None = None) -> str:
+        return json.dumps(self.to_dict(weights_file), indent=1, sort_keys=False)
 
     def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan JSON (and, with rounded weights, its safetensors sidecar) atomically."""
+        from .rounded_weights import save_sidecar
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        record = save_sidecar(self.rounded, path) if any(self.rounded.values()) else None
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_json())
+        tmp.write_text(self.to_json(record))
         tmp.replace(path)
         return path
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> QuantPlan:
+    def from_dict(cls, d: Mapping[str, Any], folder: str | os.PathLike | None = None) -> QuantPlan:
+        """A plan from its JSON; ``folder`` is where a ``rounded_weights`` sidecar is looked up."""
         if d.get("format") != FORMAT:
             raise ValueError(f"not a quantization plan (format {d.get('format')!r}, expected {FORMAT!r})")
         stages = {s: {n: LayerQuant(v["weight"], v.get("act", "float"),
                                     tuple(v["act_range"]) if v.get("act_range") is not None else None)
                       for n, v in layers.items()} for s, layers in d["stages"].items()}
-        return cls(d["name"], d["model"], stages, d.get("target"), d.get("provenance", {}))
+        rounded: dict[str, dict[str, Any]] = {}
+        if d.get("rounded_weights") is not None:
+            from .rounded_weights import load_sidecar
+
+            if folder is None:
+                raise ValueError(f"plan {d.get('name')!r} has rounded weights; load it from its file "
+                                 "(QuantPlan.load) so the sidecar can be found")
+            rounded = load_sidecar(d["rounded_weights"], Path(folder))
+        return cls(d["name"], d["model"], stages, d.get("target"), d.get("provenance", {}), rounded,
+                   Path(folder) if folder is not None else None)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> QuantPlan:
@@ -119,7 +169,7 @@ class QuantPlan:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-        return cls.from_dict(d)
+        return cls.from_dict(d, path.parent)
 
 
 # ---- presets ------------------------------------------------------------------------------------
@@ -152,6 +202,10 @@ def legalize(weight: str, act: str, target: str | None) -> tuple[str, str]:
 
 def preset_schemes(preset: str, stage: str, name: str, kind: str = "") -> tuple[str, str]:
     """(weight scheme, activation scheme) a preset gives one layer of a stage (before legalizing)."""
+    if preset == MIXED:
+        raise ValueError(f"{MIXED!r} is allocated from measured sensitivity, not a fixed recipe: build it with "
+                         "s2dit_deploy.calibrate(...) (CLI: s2dit-deploy calibrate); the seed's fixed recipe "
+                         "is 'w4a8-seed'")
     if preset not in PRESETS:
         raise KeyError(f"unknown quantization preset {preset!r}; presets: {', '.join(PRESETS)}")
     a = "int16" if preset == "w4a16" else "int8"
@@ -159,7 +213,7 @@ def preset_schemes(preset: str, stage: str, name: str, kind: str = "") -> tuple[
         return "int8-pc", a
     if stage == "decoder":
         return "int8-pc", "float"
-    if preset == "w8a8" or (preset == "w4a8-mixed" and SEED_SENSITIVE.match(name)):
+    if preset == "w8a8" or (preset == "w4a8-seed" and SEED_SENSITIVE.match(name)):
         return "int8-pc", a
     return "int4-pc", a
 
@@ -191,33 +245,3 @@ def preset_plan(preset: str, layouts: Mapping[str, Any], model: str, target: str
         stages[stage] = layers
     prov = {"method": "preset", "preset": preset, "range_method": range_method, **(provenance or {})}
     return QuantPlan(preset, model, stages, target, prov)
-
-
-def resolve_plan(quant: Any, pipe, target: str | None) -> QuantPlan:
-    """A QuantPlan, a plan.json path or a preset name -> a plan legal on ``target``.
-
-    A preset calibrates activation ranges on the default calibration prompts (cached on disk by
-    model hash); ``s2dit-deploy calibrate`` gives a sensitivity-driven plan instead.
-    """
-    if isinstance(quant, QuantPlan):
-        plan = quant
-    elif isinstance(quant, (str, os.PathLike)) and (str(quant).endswith(".json") or Path(quant).is_file()):
-        plan = QuantPlan.load(quant)
-    elif isinstance(quant, str):
-        if quant not in PRESETS:
-            raise KeyError(f"--quant {quant!r} is neither a preset ({', '.join(PRESETS)}) nor a plan .json file")
-        from .capture import default_calibration
-        from .size import pipeline_layout
-
-        calib = default_calibration(pipe)
-        plan = preset_plan(quant, pipeline_layout(pipe), pipe.config.name, target, calib.stats,
-                           provenance=calib.provenance())
-        if quant == "w4a8-mixed":
-            log.warning("preset w4a8-mixed without sensitivity data uses the seed recipe; "
-                        "`s2dit-deploy calibrate --preset w4a8-mixed` writes a sensitivity-driven plan")
-    else:
-        raise TypeError(f"quant must be a preset name, a plan path or a QuantPlan, not {type(quant).__name__}")
-    if plan.model != pipe.config.name:
-        log.warning("plan %r was made for %s, applying it to %s", plan.name, plan.model, pipe.config.name)
-    plan.check_target(target)
-    return plan

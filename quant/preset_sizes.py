@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from s2dit_deploy.model_zoo.registry import get_card
 
-from .plan import PRESETS, preset_plan
+from .plan import FIXED_PRESETS, preset_plan
 from .size import config_layout, plan_size
 
 
@@ -19,7 +19,7 @@ def preset_sizes(model: str, targets: tuple[str, ...] = ("coreml", "executorch-x
     unit = {s: {n: (-1.0, 1.0) for n in lay.layers} for s, lay in layouts.items()}
     rows = []
     for target in targets:
-        for preset in PRESETS:
+        for preset in FIXED_PRESETS:  # w4a8-mixed is allocated at the w4a8-uniform size
             sz = plan_size(preset_plan(preset, layouts, model, target, unit), layouts)
             rows.append({"model": model, "target": target, "preset": preset, "gb": sz["gb"],
                          "avg_weight_bits": sz["avg_weight_bits"],

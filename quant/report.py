@@ -161,7 +161,7 @@ def bundle_report(out_dir: str | os.PathLike, plan, layouts: Mapping[str, Any],
     ``plan.json`` (the exact plan compiled), ``report.json`` / ``report.md`` (per-layer table of
     every stage, size, what each target translation did) and, when the plan came from
     ``s2dit-deploy calibrate``, its sensitivity and size-vs-PSNR plots and measurements (found
-    through the plan's ``report_dir`` provenance).
+    next to the plan it was loaded from: ``QuantPlan.report_dir``).
     """
     import shutil
 
@@ -170,7 +170,7 @@ def bundle_report(out_dir: str | os.PathLike, plan, layouts: Mapping[str, Any],
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")
-    source = Path(plan.provenance.get("report_dir", "")) if plan.provenance.get("report_dir") else None
+    source = plan.report_dir() if hasattr(plan, "report_dir") else None
     measured: dict[str, Any] = {}
     files = {"plan": "quant/plan.json", "report_json": "quant/report.json", "report_md": "quant/report.md"}
     if source is not None and (source / "report.json").is_file():
@@ -180,7 +180,7 @@ def bundle_report(out_dir: str | os.PathLike, plan, layouts: Mapping[str, Any],
                 shutil.copyfile(source / png, out / png)
                 files[png.replace(".", "_")] = f"quant/{png}"
     elif source is not None:
-        log.warning("plan %r names report_dir %s, which has no report.json; the bundle report has "
+        log.warning("plan %r names report folder %s, which has no report.json; the bundle report has "
                     "no sensitivity plots", plan.name, source)
     evidence = {r["layer"]: r for r in measured.get("layers", [])}
     tables = {}

@@ -8,7 +8,10 @@ layer's input tensor is quantized at run time. Names are short strings so a plan
   ExecuTorch 8da4w layout); ``lut2`` / ``lut3`` / ``lut4`` / ``lut6`` (palettized: k-means
   look-up table per tensor, as ``coremltools.optimize.coreml.palettize_weights`` builds it).
   A ``-mse`` suffix on a linear scheme (``int4-pc-mse``) clips each channel's range to the
-  value that minimizes the weight's quantization MSE instead of using min-max.
+  value that minimizes the weight's quantization MSE instead of using min-max. A ``-gptq``
+  suffix (``int4-pc-gptq``, Linear layers) keeps that MSE scale and rounds the weight with GPTQ
+  (``gptq.py``): the rounded weight travels with the plan, already on the grid, so each target's
+  own min-max quantizer reproduces it exactly.
 - activations: ``float`` (fp16 on device), ``int8`` / ``int16`` (per-tensor, static range from
   calibration), ``int8-dyn`` (per-token dynamic int8, what 8da4w does at run time).
 """
@@ -31,6 +34,7 @@ class WeightScheme:
     granularity: str = "tensor"  # "tensor" | "channel" | "block"
     block: int = 0
     range_method: str = "minmax"  # "minmax" | "mse" (linear schemes only)
+    rounding: str = "nearest"  # "nearest" | "gptq" (per-channel linear schemes only)
 
     def nbytes(self, shape: tuple[int, ...]) -> float:
         """Bytes on device for a weight of ``shape`` (output channels first), metadata included."""
@@ -46,7 +50,7 @@ class WeightScheme:
         return (n * self.bits + SCALE_BITS) / 8
 
 
-_WEIGHT_RE = re.compile(r"^(?:(fp16)|int(\d+)-(pc|pt|b\d+)(-mse)?|lut(\d))$")
+_WEIGHT_RE = re.compile(r"^(?:(fp16)|int(\d+)-(pc|pt|b\d+)(-mse|-gptq)?|lut(\d))$")
 
 
 def weight_scheme(name: str) -> WeightScheme:
@@ -54,7 +58,7 @@ def weight_scheme(name: str) -> WeightScheme:
     m = _WEIGHT_RE.match(name)
     if not m:
         raise ValueError(f"unknown weight scheme {name!r}; e.g. fp16, int8-pc, int4-pc, int4-b32, lut4, "
-                         "int4-pc-mse")
+                         "int4-pc-mse, int4-pc-gptq")
     if m.group(1):
         return WeightScheme(name, "float", FLOAT_BITS)
     if m.group(5):
@@ -62,10 +66,14 @@ def weight_scheme(name: str) -> WeightScheme:
         if bits not in (1, 2, 3, 4, 6, 8):
             raise ValueError(f"{name!r}: palettization supports 1, 2, 3, 4, 6, 8 bits")
         return WeightScheme(name, "lut", bits)
-    bits, gran, mse = int(m.group(2)), m.group(3), bool(m.group(4))
+    bits, gran, suffix = int(m.group(2)), m.group(3), m.group(4)
     if bits not in (4, 8):
         raise ValueError(f"{name!r}: linear weight quantization supports 4 and 8 bits")
-    method = "mse" if mse else "minmax"
+    method = "mse" if suffix else "minmax"
+    if suffix == "-gptq":
+        if gran != "pc":
+            raise ValueError(f"{name!r}: GPTQ rounding is offered per channel only (int4-pc-gptq, int8-pc-gptq)")
+        return WeightScheme(name, "linear", bits, "channel", range_method="mse", rounding="gptq")
     if gran == "pc":
         return WeightScheme(name, "linear", bits, "channel", range_method=method)
     if gran == "pt":
@@ -73,10 +81,13 @@ def weight_scheme(name: str) -> WeightScheme:
     return WeightScheme(name, "linear", bits, "block", int(gran[1:]), method)
 
 
-def fits(name: str, shape: tuple[int, ...]) -> bool:
-    """Whether a weight of ``shape`` (output channels first) can be stored with scheme ``name``:
-    per-block schemes need the input size to be a multiple of the block."""
+def fits(name: str, shape: tuple[int, ...], kind: str = "Linear") -> bool:
+    """Whether a weight of ``shape`` (output channels first) of a ``kind`` layer (``Linear``,
+    ``Conv2d``, ...) can be stored with scheme ``name``: per-block schemes need the input size to be
+    a multiple of the block; GPTQ rounding is implemented for Linear layers only."""
     ws = weight_scheme(name)
+    if ws.rounding == "gptq" and kind != "Linear":
+        return False
     return ws.granularity != "block" or math.prod(shape[1:]) % ws.block == 0
 
 
@@ -121,7 +132,7 @@ class TargetSchemes:
         return name in self.acts
 
 
-_LINEAR_PC = ("int8-pc", "int4-pc", "int8-pc-mse", "int4-pc-mse")
+_LINEAR_PC = ("int8-pc", "int4-pc", "int8-pc-mse", "int4-pc-mse", "int8-pc-gptq", "int4-pc-gptq")
 _LUTS = ("lut2", "lut3", "lut4", "lut6")
 
 TARGET_SCHEMES: dict[str, TargetSchemes] = {
@@ -136,15 +147,16 @@ TARGET_SCHEMES: dict[str, TargetSchemes] = {
         TargetSchemes("coreai", ("fp16", *_LINEAR_PC, *_LUTS), ("float", "int8"),
                       "coreai-opt: per-channel int8/int4 or LUT weights, static int8 activations"),
         # XNNPACK: PT2E int8 per-channel (static int8 activations) and torchao 8da4w (int4 group 32,
-        # dynamic per-token int8 activations).
+        # dynamic per-token int8 activations). No -gptq: torchao's int8 per-axis grid is [-128, 127]
+        # with scale max/127.5, which a GPTQ-rounded weight on our [-127, 127] grid does not survive.
         TargetSchemes("executorch-xnnpack", ("fp16", "int8-pc", "int8-pc-mse", "int4-b32"),
                       ("float", "int8", "int8-dyn"), "int8 per-channel or 8da4w (int4, group 32)"),
         # Hexagon HTP: 8a8w, 16a4w, 8a4w (per-channel weights).
-        TargetSchemes("executorch-qnn", ("int8-pc", "int4-pc", "int8-pc-mse", "int4-pc-mse"),
+        TargetSchemes("executorch-qnn", _LINEAR_PC,
                       ("int8", "int16"), "QNN HTP: 8a8w, 16a4w, 8a4w"),
-        TargetSchemes("onnx", ("fp16", "int8-pc", "int4-pc", "int8-pc-mse", "int4-pc-mse"),
+        TargetSchemes("onnx", ("fp16", *_LINEAR_PC),
                       ("float", "int8", "int16"), "ONNX QDQ (int4 weights need opset 21)"),
-        TargetSchemes("onnx-qnn", ("int8-pc", "int4-pc", "int8-pc-mse", "int4-pc-mse"),
+        TargetSchemes("onnx-qnn", _LINEAR_PC,
                       ("int8", "int16"), "ONNX QDQ on the QNN EP (HTP)"),
         # Host simulation only: everything, for experiments.
         TargetSchemes("fake", ("fp16", *_LINEAR_PC, "int4-b32", "int8-b32", "int4-b32-mse", *_LUTS),

@@ -12,6 +12,16 @@ records whether it was measured or estimated. Results are cached as JSON keyed b
 calibration hash and settings, written after every layer, so an interrupted run resumes.
 The cumulative curve quantizes layers in sensitivity order and measures the stage output (and
 optionally the decoded first chunk) at a few points.
+
+Error that compounds: a denoising call's velocity error dies with the chunk, but the commit pass
+(t = 0) writes the KV / LCHA states every later chunk attends to. So each measurement also runs
+the commit call(s) of the scored chunks (their velocity counts too, as in ``sd.validate``'s DiT
+step PSNR) and records ``state_mse``: the mean, over cache entries,
+of each entry's MSE relative to its own peak, expressed in velocity units (times peak^2) so the
+allocator can add it to the velocity noise with a weight (``allocate.layer_costs``).
+
+``-gptq`` schemes are measured, never estimated: their rounded weights come from GPTQ over the
+stage's calibration calls (``gptq.py``), computed once per runner and kept in ``rounded``.
 """
 
 from __future__ import annotations
@@ -31,10 +41,16 @@ from tqdm.auto import tqdm
 from .capture import CalibrationSet, model_hash
 from .fake_quant import WeightCache, quantizable_layers, quantized
 from .plan import LayerQuant
-from .schemes import fits
+from .schemes import fits, weight_scheme
 from .size import STAGE_MODULES
 
 log = logging.getLogger(__name__)
+
+
+def gptq_config() -> dict:
+    from .gptq import CONFIG
+
+    return CONFIG
 
 
 def _mse(ref: torch.Tensor, x: torch.Tensor) -> float:
@@ -55,6 +71,13 @@ def eval_calls(calib: CalibrationSet, n: int) -> list[int]:
     step = max(1, len([i for i in cand if info[i]["chunk"] == info[cand[0]]["chunk"]]) // max(n, 1))
     picked = cand[::step][:n]
     return sorted(picked)
+
+
+def commit_calls(calib: CalibrationSet, scored: list[int]) -> list[int]:
+    """The commit passes (t = 0) of the chunks the scored calls belong to: they write the caches."""
+    info = calib.call_info("dit_step")
+    chunks = {(info[i]["prompt_index"], info[i]["chunk"]) for i in scored}
+    return [i for i, c in enumerate(info) if c.get("commit") and (c["prompt_index"], c["chunk"]) in chunks]
 
 
 def local_error(layer: nn.Module, w_hat: torch.Tensor, mean_sq: list[float] | None) -> float:
@@ -85,16 +108,27 @@ class SensitivityRunner:
         self.module = getattr(pipe, STAGE_MODULES[stage])
         self.stage_obj = build_stages(pipe, (stage,))[stage]
         self.call_ids = eval_calls(calib, n_calls) if stage == "dit_step" else list(range(n_calls))
+        self.commit_ids = commit_calls(calib, self.call_ids) if stage == "dit_step" else []
         all_calls = calib.calls(stage)
-        self.inputs = [all_calls[i] for i in self.call_ids]
+        self.all_calls = all_calls
+        # the velocity is scored on the denoising calls and the commit passes, as sd.validate scores it
+        self.inputs = [all_calls[i] for i in self.call_ids + self.commit_ids]
+        self.n_denoise = len(self.call_ids)
         self.out_name = self.stage_obj.output_names[0]
-        self.refs = [self._run(x) for x in self.inputs]
+        self.state_names = self.stage_obj.output_names[1:]
+        ref_outs = [self.stage_obj.run_float(x) for x in self.inputs]
+        self.refs = [o[self.out_name] for o in ref_outs]
         self.peak = max(float(r.abs().max()) for r in self.refs)
+        self.state_refs = [{k: o[k] for k in self.state_names} for o in ref_outs[self.n_denoise:]]
+        self.state_peaks = {k: max(float(s[k].abs().max()) for s in self.state_refs) or 1.0
+                            for k in self.state_names} if self.state_refs else {}
         self.layers = {n: m for n, m in quantizable_layers(self.module).items()}
         self.stats = calib.stats.get(stage, {})
         self.wcache = WeightCache()
+        self.rounded: dict[str, dict[str, torch.Tensor]] = {}  # scheme -> layer -> GPTQ-rounded weight
         key = json.dumps({"model": model_hash(pipe), "calib": calib.hash, "stage": stage, "act": act,
-                          "range": range_method, "calls": self.call_ids}, sort_keys=True)
+                          "range": range_method, "calls": self.call_ids, "commits": self.commit_ids,
+                          "state_metric": 2, "gptq": gptq_config()}, sort_keys=True)
         self.key = hashlib.sha256(key.encode()).hexdigest()[:16]
         self.cache_path = Path(cache_path) if cache_path else None
         self.results: dict[str, dict[str, Any]] = {}
@@ -109,6 +143,19 @@ class SensitivityRunner:
     def _run(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.stage_obj.run_float(named)[self.out_name]
 
+
+    def gptq(self, scheme: str, progress: bool = False) -> dict[str, torch.Tensor]:
+        """GPTQ-rounded weights of every Linear layer under ``scheme``, Hessians from all calibration calls."""
+        if scheme not in self.rounded:
+            from .gptq import gptq_round
+
+            names = {n: scheme for n, m in self.layers.items() if fits(scheme, tuple(m.weight.shape), type(m).__name__)}
+            runs = [lambda x=x: self.stage_obj.run_float(x) for x in self.all_calls]
+            self.rounded[scheme] = gptq_round(self.layers, names, runs, progress=progress)
+            for n, w in self.rounded[scheme].items():
+                self.wcache.put(n, scheme, w)
+        return self.rounded[scheme]
+
     def layer_quant(self, name: str, weight: str) -> LayerQuant:
         st = self.stats.get(name)
         layer = self.layers[name]
@@ -119,9 +166,16 @@ class SensitivityRunner:
     def measure(self, assignment: dict[str, LayerQuant]) -> dict[str, float]:
         """Output MSE / PSNR of the stage on the eval calls with ``assignment`` fake-quantized."""
         with quantized(self.module, assignment, self.wcache):
-            outs = [self._run(x) for x in self.inputs]
+            full = [self.stage_obj.run_float(x) for x in self.inputs]
+        outs = [o[self.out_name] for o in full]
+        states = [{k: o[k] for k in self.state_names} for o in full[self.n_denoise:]]
         mse = sum(_mse(r, o) for r, o in zip(self.refs, outs)) / len(outs)
-        return {"mse": mse, "psnr": round(psnr_from_mse(mse, self.peak), 3)}
+        out = {"mse": mse, "psnr": round(psnr_from_mse(mse, self.peak), 3)}
+        if states:
+            nmse = [_mse(ref[k], got[k]) / self.state_peaks[k] ** 2
+                    for ref, got in zip(self.state_refs, states) for k in self.state_names]
+            out["state_mse"] = sum(nmse) / len(nmse) * self.peak ** 2
+        return out
 
     def _save(self) -> None:
         if self.cache_path is None:
@@ -135,9 +189,14 @@ class SensitivityRunner:
                   layers: list[str] | None = None, progress: bool = True) -> dict[str, dict[str, Any]]:
         """Measure every layer (resumable); fill estimates for ``estimated`` schemes."""
         names = layers or list(self.layers)
+        for s in measured:
+            if weight_scheme(s).rounding == "gptq":
+                self.gptq(s, progress)
         for name in tqdm(names, desc=f"sensitivity {self.stage}", unit="layer", disable=not progress):
             entry = self.results.setdefault(name, {})
-            todo = [s for s in ("act_only", *measured) if s not in entry or entry[s].get("estimated")]
+            layer = self.layers[name]
+            usable = [s for s in measured if fits(s, tuple(layer.weight.shape), type(layer).__name__)]
+            todo = [s for s in ("act_only", *usable) if s not in entry or entry[s].get("estimated")]
             for s in todo:
                 w = "fp16" if s == "act_only" else s
                 entry[s] = self.measure({name: self.layer_quant(name, w)})
@@ -149,23 +208,30 @@ class SensitivityRunner:
 
     def _fill_estimates(self, name: str, measured, estimated) -> None:
         entry, layer = self.results[name], self.layers[name]
-        if not measured:
+        bases = [s for s in measured if weight_scheme(s).rounding == "nearest" and s in entry]
+        if not bases:
             return
-        base = measured[0]
+        base = bases[0]  # estimates scale a round-to-nearest measurement by the local error ratio
         st = self.stats.get(name)
         ms = st.mean_sq if st is not None else None
         e_base = local_error(layer, self.wcache.get(name, layer, base), ms)
         entry.setdefault("local", {})[base] = e_base
         n_act, n_base = entry["act_only"]["mse"], entry[base]["mse"]
+        s_act, s_base = entry["act_only"].get("state_mse"), entry[base].get("state_mse")
         for s in estimated:
             if s in entry and (not entry[s].get("estimated") or s in entry.get("local", {})):
                 continue  # measured, or already estimated against the same measured point
+            if weight_scheme(s).rounding == "gptq":
+                continue  # GPTQ's gain is not a weight-error ratio: measured only
             if s != "fp16" and not fits(s, tuple(layer.weight.shape)):
                 continue  # e.g. int4-b32 on a layer whose input size is not a multiple of 32
             e_s = local_error(layer, self.wcache.get(name, layer, s), ms) if s != "fp16" else 0.0
             entry["local"][s] = e_s
-            mse = n_act + max(n_base - n_act, 0.0) * (e_s / e_base if e_base > 0 else 0.0)
+            ratio = e_s / e_base if e_base > 0 else 0.0
+            mse = n_act + max(n_base - n_act, 0.0) * ratio
             entry[s] = {"mse": mse, "psnr": round(psnr_from_mse(mse, self.peak), 3), "estimated": True}
+            if s_act is not None and s_base is not None:
+                entry[s]["state_mse"] = s_act + max(s_base - s_act, 0.0) * ratio
 
     def cumulative(self, order: list[str], scheme: str, points: int = 6,
                    decoded: bool = False, progress: bool = True) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@
     video = pipe.generate("a red ball bouncing", num_chunks=4, steps=4, seed=0)
     bundle = sd.compile("s2dit-small", target="executorch-xnnpack", out_dir="build/xnnpack")
     report = sd.validate(bundle)
+    result = sd.calibrate("s2dit-small", target="coreml")  # w4a8-mixed QuantPlan
 
 The API is resolved on first use (module ``__getattr__``), so ``import s2dit_deploy`` and
 ``s2dit-deploy --help`` stay instant: torch and the toolchains load only when a function needs them.
@@ -19,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "bench", "compile", "init_checkpoint", "list_models", "load_model", "load_pipeline",
-           "validate"]
+__all__ = ["__version__", "bench", "calibrate", "compile", "init_checkpoint", "list_models", "load_model",
+           "load_pipeline", "validate"]
 _API = frozenset(__all__) - {"__version__"}
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
-    from .api import bench, compile, init_checkpoint, list_models, load_model, load_pipeline, validate  # noqa: F401
+    from .api import (  # noqa: F401
+        bench, calibrate, compile, init_checkpoint, list_models, load_model, load_pipeline, validate)
 
 
 def __getattr__(name: str) -> Any:

@@ -123,3 +123,17 @@ def init_checkpoint(name: str, out_dir: str | os.PathLike, seed: int = 0, dtype:
     result = _init(card.config, out, seed=seed, dtype=dtype, progress=progress)
     return {"model": card.name, "path": str(out), "dtype": dtype, "seed": seed, "files": result["files"],
             "params": result["params"], "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def calibrate(model: str = "s2dit-small", checkpoint: str | os.PathLike | None = None, target: str = "coreml",
+              preset: str = "w4a8-mixed", **kwargs: Any) -> dict[str, Any]:
+    """Calibrate 4/8-bit quantization against the float model and write a QuantPlan.
+
+    ``w4a8-mixed`` measures per-layer sensitivity (round-to-nearest and GPTQ), allocates schemes
+    under the ``w4a8-uniform`` size and keeps the allocation whose decoded stream is best; results
+    are cached per model hash, target and resolution and reused by ``compile(quant="w4a8-mixed")``.
+    kwargs: work, out, evaluate, threads, height, width, progress and the ``CalibrationSettings``
+    fields (prompts, chunks, steps, calls, range_method, measure, estimate, budget_mb, avg_bits)."""
+    from .quant.workflow import calibrate as _calibrate
+
+    return _calibrate(model, checkpoint, target, preset, **kwargs)

@@ -89,17 +89,18 @@ def _memory_record(est: dict[str, Any]) -> dict[str, Any]:
             "factor_source": est["factor"]["source"]}
 
 
-def resolve_plan(quant: Any, pipe, target: str):
-    """None, a preset name, a plan.json path or a QuantPlan -> the plan object the target applies."""
+def resolve_plan(quant: Any, pipe, target: str, recalibrate: bool = False):
+    """None, a preset name, a plan.json path or a QuantPlan -> the plan object the target applies
+    (``recalibrate``: rebuild a plan made for other weights or another resolution instead of refusing it)."""
     if quant is None:
         return None
     from .targets.base import QuantPreset, quant_presets
 
     if isinstance(quant, str) and quant in quant_presets(target):  # e.g. QNN's PT2E 8a8w: the target builds it
         return QuantPreset(quant)
-    from .quant.plan import resolve_plan as _resolve
+    from .quant.resolve import resolve_plan as _resolve
 
-    return _resolve(quant, pipe, target)
+    return _resolve(quant, pipe, target, recalibrate)
 
 
 def checkpoint_record(name: str, checkpoint: Any, folder: Path | None) -> dict[str, Any]:
@@ -150,7 +151,8 @@ def smoke_run(tgt: Any, stage: Stage, art: Any, bundle_dir: Path, plan: Any) -> 
 def compile_model(name: str, target: str = "coreml", quant: Any = None, out_dir: str | os.PathLike | None = None,
                   checkpoint: str | os.PathLike | None = None, stages: tuple[str, ...] = STAGE_NAMES,
                   progress: bool = True, height: int | None = None, width: int | None = None,
-                  force: bool = False, memory_bound_bytes: int | None = None, **options: Any) -> Bundle:
+                  force: bool = False, memory_bound_bytes: int | None = None, recalibrate: bool = False,
+                  **options: Any) -> Bundle:
     """Compile every stage of a model for ``target`` into ``out_dir`` (default build/<target>).
 
     ``out_dir`` must be missing, empty or an existing bundle unless ``force``. ``height`` /
@@ -167,7 +169,11 @@ def compile_model(name: str, target: str = "coreml", quant: Any = None, out_dir:
                                  tgt.name, tuple(stages), options, dtype=load_dtypes(config, folder),
                                  bound_bytes=memory_bound_bytes)
     pipe = load_pipeline(name, checkpoint, height=height, width=width)
-    plan = resolve_plan(quant, pipe, target)
+    plan = resolve_plan(quant, pipe, target, recalibrate)
+    if isinstance(plan, QuantPlan) and plan.rounded:  # GPTQ-rounded weights go into the float model once,
+        from .quant.rounded_weights import install  # so every target exports exactly what was evaluated
+
+        install(pipe, plan)
     built = build_stages(pipe, tuple(stages))
     # a target checks its options and records what it needs from the float pipeline (e.g. real
     # calibration inputs) before any bundle folder exists

@@ -30,7 +30,7 @@ def _target():
 @functools.cache
 def _compiled(stage_name: str, options: tuple = (), quant: str | None = None):
     """(stage, artifact, out_dir) of one tiny stage compiled by the coreai target (cached per process)."""
-    from s2dit_deploy.quant.plan import resolve_plan
+    from s2dit_deploy.quant.resolve import resolve_plan
 
     stage = stages()[stage_name]
     plan = resolve_plan(quant, tiny_pipeline(), "coreai") if quant else None
@@ -118,7 +118,7 @@ def test_w8a8_plan_is_compressed_by_coreai_opt_and_stays_above_its_floor():
     # the text encoder, whose asset is nearly all weights: int8 storage is real (measured 0.57x of fp16)
     te_q, te_f = _compiled("text_encoder", (), "w8a8")[1], _compiled("text_encoder")[1]
     assert sum(te_q.metadata["asset_bytes"].values()) < 0.65 * sum(te_f.metadata["asset_bytes"].values())
-    from s2dit_deploy.quant.plan import resolve_plan
+    from s2dit_deploy.quant.resolve import resolve_plan
 
     plan = resolve_plan("w8a8", tiny_pipeline(), "coreai")
     assert _target().check_plan(art, _compiled("dit_step", (), "w8a8")[2], plan) == []
@@ -130,7 +130,7 @@ def test_w8a8_plan_is_compressed_by_coreai_opt_and_stays_above_its_floor():
 def test_a_plan_on_a_chunked_dit_is_refused_not_silently_left_float():
     """The splitter's pieces hold weights as plain GraphModule attributes, which coreai-opt cannot
     quantize: a plan there is refused up front instead of compiling a float program under its name."""
-    from s2dit_deploy.quant.plan import resolve_plan
+    from s2dit_deploy.quant.resolve import resolve_plan
     from s2dit_deploy.targets.coreai.compress import PlanNotExpressible
 
     out = _ROOT / "chunked-plan"

@@ -101,7 +101,7 @@ def _stats(lay):
 
 def test_plan_json_round_trip_and_legality(tmp_path):
     lay = _layout()
-    plan = preset_plan("w4a8-mixed", lay, "toy", "coreml", _stats(lay))
+    plan = preset_plan("w4a8-seed", lay, "toy", "coreml", _stats(lay))
     assert plan.stages["dit_step"]["patch_embed"].weight == "int8-pc"
     assert plan.stages["dit_step"]["blk.q"].weight == "int4-pc"
     assert plan.stages["dit_step"]["blk.q"].act_range == (-0.9, 1.8)
@@ -176,4 +176,4 @@ def test_preset_sizes_from_the_meta_layout():
     rows = {(r["target"], r["preset"]): r for r in preset_sizes("s2dit-tiny")}
     for target in ("coreml", "executorch-xnnpack"):
         assert rows[(target, "w8a8")]["avg_weight_bits"] > rows[(target, "w4a8-uniform")]["avg_weight_bits"]
-        assert rows[(target, "w4a8-mixed")]["avg_weight_bits"] >= rows[(target, "w4a8-uniform")]["avg_weight_bits"]
+        assert rows[(target, "w4a8-seed")]["avg_weight_bits"] >= rows[(target, "w4a8-uniform")]["avg_weight_bits"]

@@ -114,15 +114,16 @@ def test_coreml_and_xnnpack_layer_matching():
     assert match_layer("p_dit_sandwich_groups_0_high_0_attn_k_weight", layers) is None
 
 
-def test_calibrate_cli_writes_a_legal_mixed_plan(tmp_path):
+def test_calibrate_cli_writes_a_legal_mixed_plan_that_compile_reuses(tmp_path, monkeypatch):
     from s2dit_deploy.quant.plan import QuantPlan
 
     from s2dit_deploy.commands import calibrate
 
+    monkeypatch.setenv("S2DIT_CACHE", str(tmp_path / "cache"))
     parser = argparse.ArgumentParser()
     calibrate.add_parser(parser.add_subparsers())
     args = parser.parse_args(["calibrate", "--model", "s2dit-tiny", "--prompts", "1", "--chunks", "2", "--calls", "1",
-                              "--estimate", "int8-pc", "--curve-points", "2", "--work", str(tmp_path)])
+                              "--estimate", "int8-pc", "--curve-points", "2", "-o", str(tmp_path / "out" / "plan.json")])
     args.json = True
     result, text = calibrate.run(args)
     plan = QuantPlan.load(result["plan"])
@@ -130,8 +131,11 @@ def test_calibrate_cli_writes_a_legal_mixed_plan(tmp_path):
     assert plan.provenance["method"] == "sensitivity-allocation"
     assert plan.provenance["calibration_hash"] == result["calibration_hash"]
     assert plan.provenance["used_bytes"] <= plan.provenance["budget_bytes"]
-    assert (tmp_path / "report-w4a8-mixed-coreml" / "sensitivity.png").is_file()
-    assert "wrote" in text
+    assert {lq.weight for lq in plan.stages["dit_step"].values()} & {"int4-pc-gptq", "int8-pc-gptq"}
+    assert (tmp_path / "out" / "plan.weights.safetensors").is_file()  # the GPTQ weights travel with the plan
+    assert (tmp_path / "out" / "report-w4a8-mixed-coreml" / "sensitivity.png").is_file()
+    assert str(tmp_path) not in (tmp_path / "out" / "plan.json").read_text()  # no absolute paths
+    assert len(result["candidates"]) >= 2 and "wrote" in text
     # the plan compiles, and the bundle carries the plan, the per-layer table and the plots
     import s2dit_deploy as sd
 
@@ -143,3 +147,9 @@ def test_calibrate_cli_writes_a_legal_mixed_plan(tmp_path):
     doc = json.loads((bundle.path / "quant" / "report.json").read_text())
     assert doc["translations"]["dit_step"] and doc["layers"]["dit_step"][0]["weight"]
     assert QuantPlan.load(bundle.path / "quant" / "plan.json").stages == plan.stages
+    # --quant w4a8-mixed is that same calibrated plan (found in the model's work folder), not a recipe
+    again = sd.compile("s2dit-tiny", target="coreml", quant="w4a8-mixed", stages=("dit_step",),
+                       out_dir=tmp_path / "bundle2", progress=False)
+    assert QuantPlan.load(again.path / "quant" / "plan.json").stages == plan.stages
+    assert (again.path / "quant" / "plan.weights.safetensors").is_file()
+    assert "quant/plan.weights.safetensors" in again.manifest()["files"]

@@ -23,7 +23,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, choices=TARGET_NAMES)
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="checkpoint folder (config.json + safetensors) instead of the model's bundled weights")
-    p.add_argument("--quant", default=None, help="QuantPlan JSON or preset (w8a8, w4a8-uniform, w4a8-mixed, w4a16)")
+    p.add_argument("--quant", default=None,
+                   help="QuantPlan JSON or preset (w8a8, w4a8-uniform, w4a8-seed, w4a8-mixed, w4a16); w4a8-mixed "
+                        "runs (or reuses) the sensitivity calibration, as `calibrate` does")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="a --quant plan made for other weights or another resolution is rebuilt instead of refused")
     p.add_argument("--soc", default=None, help="Snapdragon SoC, QNN targets only (e.g. SM8650, SM8750, SM8850)")
     p.add_argument("--stages", type=_checks.stage_list, default=("text_encoder", "dit_step", "decoder"),
                    help="comma-separated stages (default text_encoder,dit_step,decoder)")
@@ -105,7 +109,8 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
     height, width = args.resolution or (None, None)
     bundle = compile_model(args.model, target=args.target, quant=args.quant, out_dir=args.out,
                            checkpoint=args.checkpoint, stages=tuple(args.stages), progress=not args.json,
-                           height=height, width=width, force=args.force, **options)
+                           height=height, width=width, force=args.force, recalibrate=args.recalibrate,
+                           **options)
     manifest = bundle.manifest()
     lines = [f"bundle {bundle.path} ({args.target})"]
     for stage, info in manifest["info"]["compile"].items():

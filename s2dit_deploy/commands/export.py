@@ -33,7 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default="s2dit-small", help="model name or checkpoint folder (default s2dit-small)")
     p.add_argument("--device", required=True, help="phone profile, e.g. iphone-16-pro-max or galaxy-s25 "
                                                    "(`s2dit-deploy bench --list-devices`)")
-    p.add_argument("--quant", default=None, help="QuantPlan JSON or preset (w8a8, w4a8-uniform, w4a8-mixed, w4a16)")
+    p.add_argument("--quant", default=None,
+                   help="QuantPlan JSON or preset (w8a8, w4a8-uniform, w4a8-seed, w4a8-mixed, w4a16); w4a8-mixed "
+                        "runs (or reuses) the sensitivity calibration, as `calibrate` does")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="a --quant plan made for other weights or another resolution is rebuilt instead of refused")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="checkpoint folder instead of the bundled weights")
     p.add_argument("--resolution", type=_checks.resolution, default=None, metavar="HxW",
                    help="video resolution to compile at (default: the checkpoint's)")
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> tuple[object, str]:
         height, width = args.resolution or (None, None)
         bundle = compile_model(args.model, target=dev.target, quant=args.quant, out_dir=tmp / "bundle",
                                checkpoint=args.checkpoint, progress=not args.json, height=height, width=width,
-                               **options)
+                               recalibrate=args.recalibrate, **options)
         failed = None
         try:
             vrep = validate(bundle, num_chunks=args.chunks, checkpoint=args.checkpoint)

@@ -136,7 +136,7 @@ def compress(module: nn.Module, examples: tuple[torch.Tensor, ...], plan, stage_
         if ws.kind == "linear" and not fits(lq.weight, tuple(m.weight.shape)):
             raise PlanNotExpressible(f"{stage_name}:{layer}: {lq.weight} needs an input size that is a multiple "
                                      f"of {ws.block}; {path} has weight {tuple(m.weight.shape)}")
-        if ws.kind == "linear" and ws.range_method == "mse":
+        if ws.kind == "linear" and ws.rounding == "nearest" and ws.range_method == "mse":
             with torch.no_grad():  # clip to the MSE-optimal range: coreai-opt's min-max scale then equals it
                 clip = weight_scale(m.weight.float(), ws) * ((1 << (ws.bits - 1)) - 1)
                 m.weight.copy_(torch.maximum(torch.minimum(m.weight.float(), clip), -clip).to(m.weight.dtype))

@@ -37,7 +37,23 @@ class QuantSeamMissing(RuntimeError):
     """A QuantPlan was given but ``s2dit_deploy.quant.coreml.apply_plan`` is not available."""
 
 
-def apply_quant_plan(mlmodel, plan: Any, stage_name: str):
+def embedding_tables(module, plan: Any, stage_name: str) -> dict[str, Any]:
+    """{plan layer: weight array} of the stage's embedding tables: an embedding looked up at constant
+    indices (CLIP's position embedding) is folded by the converter into an anonymous constant, which
+    the Core ML translation then finds by value."""
+    import torch
+
+    layers = list(getattr(plan, "stages", {}).get(stage_name, {}))
+    out = {}
+    for path, m in (module.named_modules() if module is not None else ()):
+        if isinstance(m, torch.nn.Embedding):
+            hit = next((n for n in layers if path == n or path.endswith("." + n)), None)
+            if hit is not None:
+                out[hit] = m.weight.detach().float().numpy()
+    return out
+
+
+def apply_quant_plan(mlmodel, plan: Any, stage_name: str, module=None):
     """Hand the model to the quantizer's Core ML backend; ``plan=None`` returns it unchanged."""
     if plan is None:
         return mlmodel, {}
@@ -49,7 +65,8 @@ def apply_quant_plan(mlmodel, plan: Any, stage_name: str):
             "a QuantPlan was given but s2dit_deploy.quant.coreml.apply_plan(mlmodel, plan, stage_name) "
             "does not exist in this version; compile with quant=None"
         ) from exc
-    out = fn(mlmodel, plan, stage_name)
+    tables = embedding_tables(module, plan, stage_name)
+    out = fn(mlmodel, plan, stage_name, tables) if tables else fn(mlmodel, plan, stage_name)
     summary = {}
     if isinstance(out, tuple):
         out, summary = out
@@ -84,7 +101,7 @@ class CoreMLTarget(BaseTarget):
             meta_k = metadata_for(stage, dstage, opts, {**extra, **({"chunk": chunk} if chunk else {})})
             mlmodel = convert(part, opts, meta_k)
             node_blocks.update(part.node_blocks)
-            mlmodel, summary = apply_quant_plan(mlmodel, plan, stage.name)
+            mlmodel, summary = apply_quant_plan(mlmodel, plan, stage.name, stage.module)
             summaries.append(summary)
             k = len(files)
             mlmodel.short_description = f"s2dit {stage.name} ({dstage.layout})" + (f", chunk {k}" if chunk else "")
