@@ -8,7 +8,10 @@ between 8- and 16-bit activations. The translation therefore:
   layer owns: attention matmuls, softmax, norms, residual adds);
 - gives every other layer its own ``ModuleQConfig`` through ``set_submodule_qconfig_list``, matched
   on the innermost module path of each node (exactly the plan's layer name, not a prefix);
-- keeps weights per output channel (the plan's legal QNN weights are ``int8-pc`` / ``int4-pc``).
+- keeps weights per output channel (the plan's legal QNN weights are ``int8-pc`` / ``int4-pc``),
+  except embedding tables: with per-row encodings on the token embedding's gather, HTP graph
+  prepare fails on every layer norm after it ("could not create op", measured on s2dit-small's
+  text encoder), so embeddings are quantized per tensor, as QNN's own presets do.
 
 Activation ranges are re-observed by PT2E on the same recorded stream the plan was calibrated on
 (``targets/qnn/calibration.py``): QNN's observers produce the encodings its converter expects, so
@@ -57,11 +60,11 @@ def apply_plan(plan, stage: Any = None, soc: str = "SM8750", act_observer=None):
 
     def qconfig(pair: tuple[int, int]) -> ModuleQConfig:  # noqa: E306
         return ModuleQConfig(getattr(QuantDtype, _DTYPES[pair]), is_conv_per_channel=True,
-                             is_linear_per_channel=True, is_embedding_per_channel=True, act_observer=act_observer)
+                             is_linear_per_channel=True, is_embedding_per_channel=False, act_observer=act_observer)
 
     quantizer = QnnQuantizer(soc_model=QcomChipset(resolve_soc(soc).soc_model))
     quantizer.set_default_quant_config(getattr(QuantDtype, _DTYPES[default_pair]), is_conv_per_channel=True,
-                                       is_linear_per_channel=True, is_embedding_per_channel=True,
+                                       is_linear_per_channel=True, is_embedding_per_channel=False,
                                        act_observer=act_observer)
     by_norm = {_norm(n): n for n in pairs}
     rules = []

@@ -165,6 +165,8 @@ def _mixed(pipe, calib, base, s: CalibrationSettings, work: Path, progress: bool
                 "schemes": set_name}
         plan = alloc.mixed_plan(base, "dit_step", results, shapes, budget, runner.peak, schemes=schemes,
                                 provenance=prov, state_weight=lam, rounded=runner.rounded, wide_acts=wide)
+        if any(c.stages == plan.stages for _, c in candidates):
+            continue  # e.g. QNN: no scheme below int4, so every scheme set allocates the same plan
         candidates.append(({"schemes": set_name, "state_weight": lam}, plan))
 
     def step_db(plan) -> float:  # measured on the sensitivity calls (calibration data)

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..explicit_attention import explicit_attention
+
 log = logging.getLogger(__name__)
 
 
@@ -100,47 +102,6 @@ def timestep_features(t: torch.Tensor, freq_dim: int, frames: int) -> torch.Tens
     return feats.to(torch.float32).contiguous()
 
 
-def _explicit_self_step(self, x, grid, rope, cache, key_mask):
-    """SelfAttention.step with a multiplicative slot mask (equal to the additive one in exact math:
-    exp(s) * valid / sum(exp(s) * valid); the current chunk is always valid, so the sum is > 0)."""
-    from s2dit_deploy.model_zoo.softmax_attention import MASK_VALUE
-
-    q, k, v = self._qkv(x, rope)
-    keys = torch.cat([cache["k"], k], dim=2)
-    scores = torch.matmul(q * self.head_dim ** -0.5, keys.transpose(-1, -2))
-    probs = torch.softmax(scores, dim=-1)
-    n_win = cache["k"].shape[2]
-    valid = 1.0 - key_mask / MASK_VALUE  # (W*n,) in {0, 1}
-    p_win = probs[..., :n_win] * valid
-    p_cur = probs[..., n_win:]
-    y = (torch.matmul(p_win, cache["v"]) + torch.matmul(p_cur, v)) / (
-        p_win.sum(dim=-1, keepdim=True) + p_cur.sum(dim=-1, keepdim=True))
-    return self._out(y), {"k": k, "v": v}
-
-
-def _explicit_cross_forward(self, x, context):
-    """CrossAttention.forward with the attention written out (no mask)."""
-    q = self.q_norm(self._heads(self.q(x)))
-    k = self.k_norm(self._heads(self.k(context)))
-    v = self._heads(self.v(context))
-    probs = torch.softmax(torch.matmul(q * self.head_dim ** -0.5, k.transpose(-1, -2)), dim=-1)
-    return self.o(self._merge(torch.matmul(probs, v)))
-
-
-def _explicit_attention(module: nn.Module) -> int:
-    from s2dit_deploy.model_zoo.softmax_attention import CrossAttention, SelfAttention
-
-    count = 0
-    for sub in module.modules():
-        if isinstance(sub, SelfAttention):
-            sub.step = types.MethodType(_explicit_self_step, sub)
-            count += 1
-        elif isinstance(sub, CrossAttention):
-            sub.forward = types.MethodType(_explicit_cross_forward, sub)
-            count += 1
-    return count
-
-
 def _swap(module: nn.Module) -> int:
     count = 0
     for name, child in list(module.named_children()):
@@ -157,7 +118,7 @@ def rewrite_for_qnn(module: nn.Module, example: tuple, input_names: list[str]
     """A rewritten deep copy of ``module`` (the input is not modified), its example inputs, what
     was swapped, and the host-side input transform the runner must apply (``{}`` when none)."""
     new = copy.deepcopy(module).eval()
-    counts = {"depthwise_conv3d_to_conv2d": _swap(new), "explicit_attention": _explicit_attention(new)}
+    counts = {"depthwise_conv3d_to_conv2d": _swap(new), "explicit_attention": explicit_attention(new)}
     host: dict[str, Any] = {}
     dit = getattr(new, "dit", None)
     if dit is not None and hasattr(dit, "unpatchify") and hasattr(dit, "time_embedding"):

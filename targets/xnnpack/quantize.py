@@ -84,12 +84,18 @@ def quantize_module(module: nn.Module, scheme: str, example: tuple, batches: Seq
         dynamic = scheme == "int8-dynamic"
         if not dynamic and not batches:
             raise QuantSchemeError("int8 static quantization needs calibration inputs")
+        swapped = 0
+        if not dynamic:  # the -3e4 slot mask would own the 8-bit range of the scores (module copy: swap_conv3d)
+            from ..explicit_attention import explicit_attention
+
+            swapped = explicit_attention(module)
         q = _pt2e(module, example, batches, dynamic)
         return q, {
             "scheme": scheme, "flow": "pt2e", "quantizer": "XNNPACKQuantizer",
             "weights": "int8 symmetric per-channel",
             "activations": "int8 dynamic per-call" if dynamic else "int8 static (calibrated)",
             "calibration_batches": 0 if dynamic else len(batches), "fp32_layers": "layer norms",
+            "explicit_attention": swapped,
         }
     q, n_q, n_all = _8da4w(module)
     return q, {
