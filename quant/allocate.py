@@ -90,12 +90,19 @@ def _noise(r: Mapping[str, Any], state_weight: float) -> float:
 
 def layer_costs(results: Mapping[str, Mapping[str, Any]], shapes: Mapping[str, tuple[int, ...]],
                 target: str | None, schemes: tuple[str, ...] | None = None,
-                state_weight: float = 0.0) -> dict[str, dict[str, tuple[float, float]]]:
-    """Legal (bytes, noise) options per layer from sensitivity results (layers without results: int8)."""
+                state_weight: float = 0.0, kinds: Mapping[str, str] | None = None
+                ) -> dict[str, dict[str, tuple[float, float]]]:
+    """Legal (bytes, noise) options per layer from sensitivity results (layers without results: int8;
+    layers of a kind the target's translation does not quantize: fp16 only)."""
     ts = target_schemes(target)
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for name, shape in shapes.items():
         res = results.get(name, {})
+        kind = (kinds or {}).get(name)
+        if ts.quantized_kinds is not None and kind is not None and kind not in ts.quantized_kinds:
+            out[name] = {"fp16": (weight_scheme("fp16").nbytes(shape), _noise(res["act_only"], state_weight)
+                                  if "act_only" in res else 0.0)}
+            continue
         opts = {}
         for s, r in res.items():
             if s in ("act_only", "local") or not isinstance(r, dict) or not ts.legal_weight(s):
@@ -168,20 +175,23 @@ def _without_act_noise(entry: Mapping[str, Any]) -> dict[str, Any]:
 def mixed_plan(base, stage: str, results: Mapping[str, Mapping[str, Any]], shapes: Mapping[str, tuple[int, ...]],
                budget: float, peak: float, schemes: tuple[str, ...] | None = None, name: str = "w4a8-mixed",
                provenance: Mapping[str, Any] | None = None, state_weight: float = 0.0,
-               rounded: Mapping[str, Mapping[str, Any]] | None = None, wide_acts: Mapping[str, str] | None = None):
+               rounded: Mapping[str, Mapping[str, Any]] | None = None, wide_acts: Mapping[str, str] | None = None,
+               kinds: Mapping[str, str] | None = None):
     """``base`` plan with ``stage``'s weight schemes re-chosen by ``allocate`` under ``budget`` bytes;
     ``rounded`` ({scheme: {layer: tensor}}) supplies the weights of the ``-gptq`` layers chosen and
     ``wide_acts`` ({layer: "int16" | "float"}) the layers whose activations stay at 16 bits."""
     from dataclasses import replace
 
-    wide_acts = dict(wide_acts or {})
+    wide_acts = {n: w for n, w in (wide_acts or {}).items()
+                 if n in base.stages[stage] and not act_scheme(base.stages[stage][n].act).dynamic}
     results = {n: (_without_act_noise(r) if n in wide_acts else r) for n, r in results.items()}
-    costs = layer_costs(results, shapes, base.target, schemes, state_weight)
+    costs = layer_costs(results, shapes, base.target, schemes, state_weight, kinds)
     choice = allocate(costs, budget)
     layers = dict(base.stages[stage])
     for n, s in choice.items():
         layers[n] = replace(layers[n], weight=s)
-        if n in wide_acts and not act_scheme(layers[n].act).is_float:
+        a = act_scheme(layers[n].act)
+        if n in wide_acts and not a.is_float and not a.dynamic:  # per-token dynamic int8 is left as it is
             wide = wide_acts[n]
             layers[n] = replace(layers[n], act=wide, act_range=None if wide == "float" else layers[n].act_range)
     stages = {**base.stages, stage: layers}

@@ -40,9 +40,6 @@ FIXED_PRESETS = tuple(p for p in PRESETS if p != MIXED)
 # The seed's sensitive layers (supplement D.2: project in/out, text embedding) plus the timestep
 # embedding, whose output modulates every block.
 SEED_SENSITIVE = re.compile(r"^(patch_embed|head|text_embedding\..*|time_embedding\..*)$")
-# The projections whose outputs build the LCHA states (kv = phi(k)^T v, ksum = sum phi(k)) that every
-# later chunk reads: on QNN they get 16-bit activations in a mixed plan (16a8w / 16a4w per layer).
-LCHA_STATE_FEEDERS = re.compile(r"(^|\.)high\.\d+\.attn\.(k|v)$")
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,7 @@ class TargetSchemes:
     weights: tuple[str, ...]
     acts: tuple[str, ...]
     note: str = ""
+    quantized_kinds: tuple[str, ...] | None = None  # layer kinds the translation quantizes (None: all)
 
     def legal_weight(self, name: str) -> bool:
         return name in self.weights
@@ -150,7 +151,8 @@ TARGET_SCHEMES: dict[str, TargetSchemes] = {
         # dynamic per-token int8 activations). No -gptq: torchao's int8 per-axis grid is [-128, 127]
         # with scale max/127.5, which a GPTQ-rounded weight on our [-127, 127] grid does not survive.
         TargetSchemes("executorch-xnnpack", ("fp16", "int8-pc", "int8-pc-mse", "int4-b32"),
-                      ("float", "int8", "int8-dyn"), "int8 per-channel or 8da4w (int4, group 32)"),
+                      ("float", "int8", "int8-dyn"), "int8 per-channel or 8da4w (int4, group 32)",
+                      quantized_kinds=("Linear",)),  # the torchao per-layer flow quantizes Linear only
         # Hexagon HTP: 8a8w, 16a4w, 8a4w (per-channel weights).
         TargetSchemes("executorch-qnn", _LINEAR_PC,
                       ("int8", "int16"), "QNN HTP: 8a8w, 16a4w, 8a4w"),

@@ -45,7 +45,7 @@ CANDIDATES = tuple((name, dropped, lam) for name, dropped in (("all", ()), ("no-
                    for lam in (0.0, 1.0))
 QNN_TARGETS = ("executorch-qnn", "onnx-qnn")
 STREAM_CHUNKS = 4
-WORKFLOW_VERSION = 4  # bump when the workflow's logic changes what plan the same settings give
+WORKFLOW_VERSION = 6  # bump when the workflow's logic changes what plan the same settings give
 
 
 @dataclass(frozen=True)
@@ -151,10 +151,10 @@ def _mixed(pipe, calib, base, s: CalibrationSettings, work: Path, progress: bool
         budget = s.budget_mb * 1e6
     else:
         budget = alloc.budget_bytes(shapes, like={n: lq.weight for n, lq in base.stages["dit_step"].items()})
-    from .plan import LCHA_STATE_FEEDERS
-
-    always = tuple(n for n in results if LCHA_STATE_FEEDERS.search(n)) if s.target in QNN_TARGETS else ()
-    wide = alloc.wide_activation_layers(results, s.target, always)
+    # QNN: no per-layer 16-bit activations. A 16a layer makes its producer (a layer norm, a GELU)
+    # emit 16 bits from 8-bit inputs, and HTP graph prepare then fails on those ops ("could not
+    # create op"; measured on s2dit-small's DiT step, whose LCHA k/v and FFN inputs were flagged).
+    wide = {} if s.target in QNN_TARGETS else alloc.wide_activation_layers(results, s.target)
     t2 = time.perf_counter()
     check = StreamCheck(pipe, calib, STREAM_CHUNKS)
     candidates = []
@@ -164,7 +164,8 @@ def _mixed(pipe, calib, base, s: CalibrationSettings, work: Path, progress: bool
                 "commit_calls": runner.commit_ids, "measured": list(measured), "estimated": list(estimated),
                 "schemes": set_name}
         plan = alloc.mixed_plan(base, "dit_step", results, shapes, budget, runner.peak, schemes=schemes,
-                                provenance=prov, state_weight=lam, rounded=runner.rounded, wide_acts=wide)
+                                provenance=prov, state_weight=lam, rounded=runner.rounded, wide_acts=wide,
+                                kinds=base_kinds(pipe))
         if any(c.stages == plan.stages for _, c in candidates):
             continue  # e.g. QNN: no scheme below int4, so every scheme set allocates the same plan
         candidates.append(({"schemes": set_name, "state_weight": lam}, plan))
@@ -175,6 +176,12 @@ def _mixed(pipe, calib, base, s: CalibrationSettings, work: Path, progress: bool
     plan, table = choose(check, candidates, step_db)
     timing["stream_check_s"] = round(time.perf_counter() - t2, 1)
     return plan.with_provenance(candidates=table), results, runner
+
+
+def base_kinds(pipe) -> dict[str, str]:
+    from .size import pipeline_layout
+
+    return dict(pipeline_layout(pipe)["dit_step"].kinds)
 
 
 def base_shapes(pipe) -> dict[str, tuple[int, ...]]:

@@ -141,3 +141,24 @@ def test_a_plan_for_other_weights_or_resolution_is_refused_unless_recalibrating(
         resolve_plan(other, pipe, "coreml")
     again = resolve_plan(other, pipe, "coreml", recalibrate=True)
     assert again.provenance["model_hash"] == model_hash(pipe) and again.stages == plan.stages
+
+
+def test_allocation_widens_the_inputs_that_hurt_and_respects_what_a_target_quantizes():
+    from s2dit_deploy.quant import allocate as alloc
+
+    results = {"a": {"act_only": {"mse": 9.0}, "int4-pc": {"mse": 10.0}, "int8-pc": {"mse": 9.1}},
+               "b": {"act_only": {"mse": 0.1}, "int4-pc": {"mse": 2.0}, "int8-pc": {"mse": 0.2}}}
+    # a's 8-bit input is 99% of the activation noise: 16-bit where the target can (fp16 on Core ML)
+    assert alloc.wide_activation_layers(results, "coreml") == {"a": "float"}
+    assert alloc.wide_activation_layers(results, "onnx") == {"a": "int16"}
+    shapes = {"a": (8, 8), "b": (8, 8)}
+    base = QuantPlan("u", "toy", {"dit_step": {n: LayerQuant("int4-pc", "int8", (-1.0, 1.0)) for n in shapes}},
+                     "coreml")
+    budget = alloc.budget_bytes(shapes, like={"a": "int4-pc", "b": "int8-pc"})
+    plan = alloc.mixed_plan(base, "dit_step", results, shapes, budget, 1.0, wide_acts={"a": "float"})
+    # with a's activation noise gone, a's weights are cheap to keep at int4: b gets the int8 bytes
+    assert plan.stages["dit_step"]["a"] == LayerQuant("int4-pc", "float", None)
+    assert plan.stages["dit_step"]["b"].weight == "int8-pc" and plan.stages["dit_step"]["b"].act == "int8"
+    # XNNPACK's translation quantizes Linear layers only: a Conv keeps fp16 whatever it measured
+    costs = alloc.layer_costs(results, shapes, "executorch-xnnpack", kinds={"a": "Conv2d", "b": "Linear"})
+    assert list(costs["a"]) == ["fp16"] and "int8-pc" in costs["b"]
