@@ -133,6 +133,11 @@ class TargetSchemes:
         return name in self.acts
 
 
+# The calibration workflow's default measured / estimated schemes (``workflow.CalibrationSettings``);
+# here because the CLI parser shows them and must not import torch to do so.
+DEFAULT_MEASURE = ("int4-pc", "int4-pc-gptq", "int8-pc-gptq")
+DEFAULT_ESTIMATE = ("int8-pc", "int4-pc-mse", "int4-b32", "lut6", "lut4", "lut3", "lut2")
+
 _LINEAR_PC = ("int8-pc", "int4-pc", "int8-pc-mse", "int4-pc-mse", "int8-pc-gptq", "int4-pc-gptq")
 _LUTS = ("lut2", "lut3", "lut4", "lut6")
 

@@ -31,12 +31,10 @@ import torch
 from .capture import CALIB_PROMPTS, CalibrationSet, cache_root, capture, model_hash
 from .errors import CalibrationConfigError
 from .plan import FIXED_PRESETS, MIXED, PRESETS, QuantPlan, preset_plan
-from .schemes import target_schemes, weight_scheme
+from .schemes import DEFAULT_ESTIMATE, DEFAULT_MEASURE, target_schemes, weight_scheme
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MEASURE = ("int4-pc", "int4-pc-gptq", "int8-pc-gptq")
-DEFAULT_ESTIMATE = ("int8-pc", "int4-pc-mse", "int4-b32", "lut6", "lut4", "lut3", "lut2")
 # Candidate allocations the stream check chooses among: (scheme set, weight of the cache-state error).
 # Estimated low-bit LUTs are the riskiest choices (their noise is scaled from a measured int4 point),
 # hence the sets without them.

@@ -136,11 +136,12 @@ def test_calibrate_cli_writes_a_legal_mixed_plan_that_compile_reuses(tmp_path, m
     assert (tmp_path / "out" / "plan.weights.safetensors").is_file()  # the GPTQ weights travel with the plan
     assert (tmp_path / "out" / "report-w4a8-mixed-coreml" / "sensitivity.png").is_file()
     assert str(tmp_path) not in (tmp_path / "out" / "plan.json").read_text()  # no absolute paths
-    assert len(result["candidates"]) >= 2 and "wrote" in text
-    # the plan compiles, and the bundle carries the plan, the per-layer table and the plots
+    assert result["candidates"] and all("score_db" in c for c in result["candidates"]) and "wrote" in text
+    # --quant w4a8-mixed is that same calibrated plan (found in the model's work folder), not a
+    # recipe; it compiles, and the bundle carries the plan, its GPTQ weights, the table and the plots
     import s2dit_deploy as sd
 
-    bundle = sd.compile("s2dit-tiny", target="coreml", quant=result["plan"], stages=("dit_step",),
+    bundle = sd.compile("s2dit-tiny", target="coreml", quant="w4a8-mixed", stages=("dit_step",),
                         out_dir=tmp_path / "bundle", progress=False)
     info = bundle.info["quant_report"]
     assert info["plan"] == plan.name and info["avg_weight_bits"] < 16
@@ -148,9 +149,4 @@ def test_calibrate_cli_writes_a_legal_mixed_plan_that_compile_reuses(tmp_path, m
     doc = json.loads((bundle.path / "quant" / "report.json").read_text())
     assert doc["translations"]["dit_step"] and doc["layers"]["dit_step"][0]["weight"]
     assert QuantPlan.load(bundle.path / "quant" / "plan.json").stages == plan.stages
-    # --quant w4a8-mixed is that same calibrated plan (found in the model's work folder), not a recipe
-    again = sd.compile("s2dit-tiny", target="coreml", quant="w4a8-mixed", stages=("dit_step",),
-                       out_dir=tmp_path / "bundle2", progress=False)
-    assert QuantPlan.load(again.path / "quant" / "plan.json").stages == plan.stages
-    assert (again.path / "quant" / "plan.weights.safetensors").is_file()
-    assert "quant/plan.weights.safetensors" in again.manifest()["files"]
+    assert "quant/plan.weights.safetensors" in bundle.manifest()["files"]

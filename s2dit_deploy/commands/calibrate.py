@@ -21,7 +21,7 @@ NAME = "calibrate"
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from s2dit_deploy.quant.plan import PRESETS
-    from s2dit_deploy.quant.workflow import DEFAULT_ESTIMATE, DEFAULT_MEASURE
+    from s2dit_deploy.quant.schemes import DEFAULT_ESTIMATE, DEFAULT_MEASURE
 
     p = sub.add_parser(NAME, help="calibrate quantization and write a QuantPlan (plan.json)", description=__doc__)
     p.add_argument("--model", default="s2dit-small", help="registered model name (default: s2dit-small)")
