@@ -142,7 +142,10 @@ def _mixed(pipe, calib, base, s: CalibrationSettings, work: Path, progress: bool
                                work / f"sensitivity-dit_step-{act}-{s.range_method}.json")
     results = runner.per_layer(measured, estimated, progress=progress)
     timing["sensitivity_s"] = round(time.perf_counter() - t1, 1)
-    shapes = base_shapes(pipe)
+    from .size import pipeline_layout
+
+    layout = pipeline_layout(pipe)["dit_step"]
+    shapes, kinds = dict(layout.layers), dict(layout.kinds)
     if s.avg_bits is not None:
         budget = alloc.budget_bytes(shapes, avg_bits=s.avg_bits)
     elif s.budget_mb is not None:
@@ -164,7 +167,7 @@ def _mixed(pipe, calib, base, s: CalibrationSettings, work: Path, progress: bool
                 "schemes": set_name}
         plan = alloc.mixed_plan(base, "dit_step", results, shapes, budget, runner.peak, schemes=schemes,
                                 provenance=prov, state_weight=lam, rounded=runner.rounded, wide_acts=wide,
-                                kinds=base_kinds(pipe))
+                                kinds=kinds)
         if any(c.stages == plan.stages for _, c in candidates):
             continue  # e.g. QNN: no scheme below int4, so every scheme set allocates the same plan
         candidates.append(({"schemes": set_name, "state_weight": lam}, plan))
@@ -175,18 +178,6 @@ def _mixed(pipe, calib, base, s: CalibrationSettings, work: Path, progress: bool
     plan, table = choose(check, candidates, step_db)
     timing["stream_check_s"] = round(time.perf_counter() - t2, 1)
     return plan.with_provenance(candidates=table), results, runner
-
-
-def base_kinds(pipe) -> dict[str, str]:
-    from .size import pipeline_layout
-
-    return dict(pipeline_layout(pipe)["dit_step"].kinds)
-
-
-def base_shapes(pipe) -> dict[str, tuple[int, ...]]:
-    from .size import pipeline_layout
-
-    return dict(pipeline_layout(pipe)["dit_step"].layers)
 
 
 def calibrate_pipeline(pipe, settings: CalibrationSettings, work: str | Path | None = None,
