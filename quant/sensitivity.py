@@ -40,17 +40,13 @@ from tqdm.auto import tqdm
 
 from .capture import CalibrationSet, model_hash
 from .fake_quant import WeightCache, quantizable_layers, quantized
+from .gptq import CONFIG as GPTQ_CONFIG
+from .gptq import gptq_round
 from .plan import LayerQuant
 from .schemes import fits, weight_scheme
 from .size import STAGE_MODULES
 
 log = logging.getLogger(__name__)
-
-
-def gptq_config() -> dict:
-    from .gptq import CONFIG
-
-    return CONFIG
 
 
 def _mse(ref: torch.Tensor, x: torch.Tensor) -> float:
@@ -128,7 +124,7 @@ class SensitivityRunner:
         self.rounded: dict[str, dict[str, torch.Tensor]] = {}  # scheme -> layer -> GPTQ-rounded weight
         key = json.dumps({"model": model_hash(pipe), "calib": calib.hash, "stage": stage, "act": act,
                           "range": range_method, "calls": self.call_ids, "commits": self.commit_ids,
-                          "state_metric": 2, "gptq": gptq_config()}, sort_keys=True)
+                          "state_metric": 2, "gptq": GPTQ_CONFIG}, sort_keys=True)
         self.key = hashlib.sha256(key.encode()).hexdigest()[:16]
         self.cache_path = Path(cache_path) if cache_path else None
         self.results: dict[str, dict[str, Any]] = {}
@@ -140,15 +136,9 @@ class SensitivityRunner:
             else:
                 log.warning("sensitivity cache %s is for another model/calibration; starting over", self.cache_path)
 
-    def _run(self, named: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.stage_obj.run_float(named)[self.out_name]
-
-
     def gptq(self, scheme: str, progress: bool = False) -> dict[str, torch.Tensor]:
         """GPTQ-rounded weights of every Linear layer under ``scheme``, Hessians from all calibration calls."""
         if scheme not in self.rounded:
-            from .gptq import gptq_round
-
             names = {n: scheme for n, m in self.layers.items() if fits(scheme, tuple(m.weight.shape), type(m).__name__)}
             runs = [lambda x=x: self.stage_obj.run_float(x) for x in self.all_calls]
             self.rounded[scheme] = gptq_round(self.layers, names, runs, progress=progress)

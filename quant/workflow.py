@@ -127,7 +127,7 @@ def _plan_act(plan) -> str:
     return sorted(acts)[0] if acts else "float"
 
 
-def _mixed(pipe, calib, base, s: CalibrationSettings, work: Path, progress: bool, timing: dict):
+def _mixed(pipe, calib, base, layout, s: CalibrationSettings, work: Path, progress: bool, timing: dict):
     """Sensitivity, candidate allocations and the stream check -> (plan, results, runner)."""
     from . import allocate as alloc
     from .sensitivity import SensitivityRunner
@@ -142,9 +142,6 @@ def _mixed(pipe, calib, base, s: CalibrationSettings, work: Path, progress: bool
                                work / f"sensitivity-dit_step-{act}-{s.range_method}.json")
     results = runner.per_layer(measured, estimated, progress=progress)
     timing["sensitivity_s"] = round(time.perf_counter() - t1, 1)
-    from .size import pipeline_layout
-
-    layout = pipeline_layout(pipe)["dit_step"]
     shapes, kinds = dict(layout.layers), dict(layout.kinds)
     if s.avg_bits is not None:
         budget = alloc.budget_bytes(shapes, avg_bits=s.avg_bits)
@@ -211,7 +208,7 @@ def calibrate_pipeline(pipe, settings: CalibrationSettings, work: str | Path | N
         base_name = "w4a8-uniform" if s.preset == MIXED else s.preset
         base = preset_plan(base_name, layouts, name, s.target, calib.stats, s.range_method, prov)
         if s.preset == MIXED:
-            plan, results, runner = _mixed(pipe, calib, base, s, work, progress, timing)
+            plan, results, runner = _mixed(pipe, calib, base, layouts["dit_step"], s, work, progress, timing)
             t3 = time.perf_counter()
             from .sensitivity import sensitivity_order
 
